@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine: `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Debian packages the tests drive for real (installed when root; tests skip without them)
+DEBS := xinetd sendmail-bin prometheus haproxy socat iperf3 iproute2 util-linux systemd dnsmasq-base
+
+.PHONY: run test lint bench debs venv clean
+
+$(BIN)/forwarder: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/forwarder
+
+## run the forwarder on the example config: 127.0.0.1:2525 -> 127.0.0.1:8025 (smtp probe)
+run: venv
+	$(BIN)/forwarder run --config deploy/examples/example.toml
+
+## install everything, then lint, type-check and run the whole test suite
+test: debs venv lint
+	$(BIN)/pytest -q -ra
+
+lint: venv
+	$(BIN)/ruff check forwarder tests
+	$(BIN)/mypy
+
+debs:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	else echo "not root: skipping Debian packages (tests that need them will skip)"; fi
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

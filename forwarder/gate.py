@@ -1,0 +1,194 @@
+"""The gate: bound sockets that listen only while the listener should take connections.
+
+Closed means bound but not listening, so a SYN gets a RST (connection refused) and the
+sender moves on to its next MX in milliseconds.  We never close or re-bind the socket:
+after the privilege drop a re-bind of port 25 would fail.  Linux lets a listening socket be
+taken out of LISTEN with shutdown(SHUT_RD) and put back with listen(), no privilege needed
+(HAProxy pauses listeners the same way).
+
+Before leaving LISTEN the accept queue is drained: those clients completed their handshake
+and would otherwise be reset; they are handed to the listener, which gives each the best
+answer left (a live peer, or a 421).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable
+
+import structlog
+
+from .metrics import ListenerMetrics, accept_errors
+
+log = structlog.get_logger("forwarder.gate")
+
+Address = tuple[str, int]
+AcceptHandler = Callable[[socket.socket, Address], None]
+
+# accept() errors that mean "out of resources now": back off instead of spinning
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_BATCH = 64
+
+
+class Gate:
+    def __init__(self, name: str, socks: list[socket.socket], backlog: int,
+                 on_accept: AcceptHandler, metrics: ListenerMetrics,
+                 resource_pause: float = 1.0) -> None:
+        self.name = name
+        self.socks = socks
+        self.backlog = backlog
+        self.on_accept = on_accept
+        self.metrics = metrics
+        self.resource_pause = resource_pause
+        self.is_open = False
+        self.reason = "start"
+        self.drained = False  # operator override: closed for maintenance
+        self.holds: dict[str, float] = {}  # reason -> loop time until which we stay closed
+        self._want_open = False
+        self.stopping = False
+        self._backoff: asyncio.TimerHandle | None = None
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self.transitions = 0
+
+    # --- the decision -------------------------------------------------------------------
+
+    def set_healthy(self, healthy: bool, reason: str = "probe") -> None:
+        """The backends' verdict; the gate follows it unless an override holds it closed."""
+        self._want_open = healthy
+        self._apply(reason)
+
+    def drain(self) -> None:
+        self.drained = True
+        self._apply("drain")
+
+    def resume(self) -> None:
+        self.drained = False
+        self._apply("resume")
+
+    def stop(self) -> None:
+        """Shutting down: close for good (the queue is drained and answered)."""
+        self.stopping = True
+        self._apply("shutdown")
+
+    def hold_closed(self, reason: str, seconds: float) -> None:
+        """Close for a while (xinetd's cps pause, resource exhaustion), then follow health."""
+        until = self._loop.time() + seconds
+        self.holds[reason] = max(until, self.holds.get(reason, 0.0))
+        log.warning("gate.hold", listener=self.name, reason=reason, seconds=seconds)
+        self._apply(reason)
+        self._schedule_hold_check()
+
+    def _schedule_hold_check(self) -> None:
+        if self._hold_timer:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if self.holds:
+            when = min(self.holds.values())
+            self._hold_timer = self._loop.call_at(when, self._hold_expired)
+
+    def _hold_expired(self) -> None:
+        now = self._loop.time()
+        expired = [r for r, t in self.holds.items() if t <= now]
+        for r in expired:
+            del self.holds[r]
+        self._schedule_hold_check()
+        self._apply(expired[0] + "_over" if expired else "hold_over")
+
+    def _apply(self, reason: str) -> None:
+        should = (self._want_open and not self.drained and not self.holds
+                  and not self.stopping)
+        if should and not self.is_open:
+            self._open(reason)
+        elif not should and self.is_open:
+            self._close(reason)
+
+    # --- the mechanism ------------------------------------------------------------------
+
+    def _open(self, reason: str) -> None:
+        for s in self.socks:
+            s.listen(self.backlog)
+            self._loop.add_reader(s.fileno(), self._accept_ready, s)
+        self.is_open = True
+        self._transition("open", reason)
+
+    def _close(self, reason: str) -> None:
+        if self._backoff:
+            self._backoff.cancel()
+            self._backoff = None
+        for s in self.socks:
+            self._loop.remove_reader(s.fileno())
+            self._accept_all(s, limit=None)  # the queue: answer, don't reset
+            try:
+                s.shutdown(socket.SHUT_RD)
+            except OSError as e:  # ENOTCONN on kernels without the trick: say so loudly
+                log.error("gate.unlisten_failed", listener=self.name, error=e.strerror)
+        self.is_open = False
+        self._transition("closed", reason)
+
+    def _transition(self, state: str, reason: str) -> None:
+        self.reason = reason
+        self.transitions += 1
+        self.metrics.transition(state, reason)
+        log.info("gate." + state, listener=self.name, reason=reason)
+
+    def _accept_ready(self, sock: socket.socket) -> None:
+        self._accept_all(sock, limit=ACCEPT_BATCH)
+
+    def _accept_all(self, sock: socket.socket, limit: int | None) -> None:
+        n = 0
+        while limit is None or n < limit:
+            try:
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in _RESOURCE_ERRNOS:
+                    self._resource_exhausted(sock, e)
+                    return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                if e.errno == errno.EINVAL:  # not listening (closed under us)
+                    return
+                raise
+            n += 1
+            try:
+                self.on_accept(conn, addr)
+            except Exception:
+                log.exception("gate.handler_failed", listener=self.name)
+                conn.close()
+
+    def _resource_exhausted(self, sock: socket.socket, e: OSError) -> None:
+        """Out of fds/buffers: stop polling this socket for a moment instead of spinning.
+
+        The socket stays in LISTEN, so the kernel queues new clients meanwhile.
+        """
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        accept_errors.labels(self.name, name).inc()
+        if self._backoff is not None:
+            return
+        log.warning("gate.accept_paused", listener=self.name, error=name,
+                    seconds=self.resource_pause)
+        for s in self.socks:
+            self._loop.remove_reader(s.fileno())
+
+        def again() -> None:
+            self._backoff = None
+            if self.is_open:
+                for s in self.socks:
+                    self._loop.add_reader(s.fileno(), self._accept_ready, s)
+        self._backoff = self._loop.call_later(self.resource_pause, again)
+
+    def release(self) -> None:
+        """At exit: stop accepting; sockets from systemd go back to LISTEN for the next
+        instance (the socket unit keeps queueing), our own are closed."""
+        if self._backoff:
+            self._backoff.cancel()
+        if self._hold_timer:
+            self._hold_timer.cancel()
+        for s in self.socks:
+            if self.is_open:
+                self._loop.remove_reader(s.fileno())
+        self.is_open = False

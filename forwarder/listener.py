@@ -1,0 +1,249 @@
+"""One listener: gate + backend pool + admission + the per-connection hand-off.
+
+Data flows one way: the pool decides health, the gate follows it, accepted sockets come here,
+go to the best live backend through a Splice, and finish in metrics and a log line.
+An accepted connection always gets an answer: a splice, or a 421 (smtp mode) / close (tcp).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+import structlog
+
+from . import proxy_protocol
+from .access import Access
+from .backends import Backend, Pool
+from .config import ListenerConfig
+from .gate import Address, Gate
+from .logs import Sampler
+from .metrics import ListenerMetrics
+from .relay import Splice
+
+log = structlog.get_logger("forwarder.listener")
+
+LINGER_421 = 2.0  # how long we wait for the client's FIN after a 421, before closing
+
+
+def reply_421(hostname: str) -> bytes:
+    return (f"421 4.3.2 {hostname} Service not available, closing transmission channel\r\n"
+            .encode("ascii", "replace"))
+
+
+class Listener:
+    def __init__(self, cfg: ListenerConfig, socks: list[socket.socket], hostname: str) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.get_running_loop()
+        self.metrics = ListenerMetrics(cfg.name)
+        self.hostname = cfg.hostname or hostname
+        self.msg_421 = reply_421(self.hostname)
+        self.pool = Pool(cfg.name, cfg.backends, cfg.probe, cfg.send_proxy)
+        self.gate = Gate(cfg.name, socks, cfg.backlog, self._on_accept, self.metrics)
+        self.access = Access(cfg.access, self.loop.time, self.gate.hold_closed)
+        self.splices: set[Splice] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._sampler = Sampler(per_second=20)
+        self._sweeper: asyncio.Task[None] | None = None
+        self.pool.subscribe(self._health_changed)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.pool.start()
+        self._sweeper = self.loop.create_task(self._sweep_idle(), name=f"idle {self.cfg.name}")
+
+    def healthy(self) -> bool:
+        return self.pool.local_up() if self.cfg.gate == "local" else self.pool.any_up()
+
+    def _health_changed(self) -> None:
+        self.gate.set_healthy(self.healthy())
+
+    async def reconfigure(self, cfg: ListenerConfig) -> None:
+        """Apply a reloaded config that kept our addresses; live splices are untouched."""
+        self.cfg = cfg
+        self.hostname = cfg.hostname or self.hostname
+        self.msg_421 = reply_421(self.hostname)
+        self.gate.backlog = cfg.backlog
+        if cfg.access != self.access.cfg:
+            old = self.access
+            self.access = Access(cfg.access, self.loop.time, self.gate.hold_closed)
+            self.access.active, self.access.per_source = old.active, old.per_source
+        await self.pool.update(cfg.backends, cfg.probe, cfg.send_proxy)
+        self._health_changed()
+
+    async def stop(self, timeout: float) -> int:
+        """Close the gate, let splices finish for up to `timeout`, then reset the rest.
+        Returns how many were cut."""
+        self.gate.stop()
+        if self._sweeper:
+            self._sweeper.cancel()
+        deadline = self.loop.time() + timeout
+        while (self.splices or self.tasks) and self.loop.time() < deadline:
+            waiters = [t for t in self.tasks if not t.done()]
+            await asyncio.wait(waiters or [self.loop.create_task(asyncio.sleep(0.05))],
+                               timeout=min(0.05, max(0.0, deadline - self.loop.time())))
+        cut = len(self.splices)
+        for s in list(self.splices):
+            s.abort("error")
+        for t in list(self.tasks):
+            t.cancel()
+        await self.pool.stop()
+        self.gate.release()
+        return cut
+
+    # --- accept path --------------------------------------------------------------------
+
+    def _on_accept(self, conn: socket.socket, addr: Address) -> None:
+        host = addr[0]
+        refusal = self.access.admit(host) if not self.access.trivial else None
+        if refusal is not None:
+            self.metrics.outcome[refusal].inc()
+            log.info("connection.refused", listener=self.cfg.name, peer=host, outcome=refusal)
+            conn.close()
+            return
+        t = self.loop.create_task(self._serve(conn, addr))
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, conn: socket.socket, addr: Address) -> None:
+        cfg = self.cfg
+        tried = 0
+        splice: Splice | None = None
+        try:
+            for b in self.pool.candidates():
+                tried += 1
+                splice = await self._attempt(b, conn, addr)
+                if splice is not None:
+                    break
+            if splice is None:
+                outcome = "backend_failed_421" if tried else "no_backend_421"
+                await self._refuse(conn, addr, outcome)
+                return
+            splice.started = time.monotonic()
+            self.splices.add(splice)
+            self.metrics.active.inc()
+            await self.loop.connect_accepted_socket(lambda: splice.client, conn)
+            splice.join()
+        except (OSError, asyncio.CancelledError) as e:  # client vanished, or shutdown
+            log.debug("connection.handoff_failed", listener=cfg.name, error=repr(e))
+            conn.close()
+            if splice is None:
+                if not self.access.trivial:
+                    self.access.release(addr[0])
+            else:
+                splice.abort("error")
+                if splice in self.splices:
+                    self._finished(splice, "error")
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+    async def _attempt(self, b: Backend, conn: socket.socket, addr: Address) -> Splice | None:
+        """Connect to one backend (and, in smtp mode, wait for its greeting)."""
+        cfg = self.cfg
+        splice = Splice(self._finished, tag=(addr, b))
+        t0 = self.loop.time()
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                transport, _ = await self.loop.create_connection(
+                    lambda: splice.backend, b.endpoint.host, b.endpoint.port)
+        except (OSError, TimeoutError) as e:
+            b.passive_failure("connect", str(e) or "timeout")
+            return None
+        b.metrics.connect.observe(self.loop.time() - t0)
+        if cfg.send_proxy:
+            transport.write(proxy_protocol.header_for_socket(cfg.send_proxy, conn))
+        if cfg.mode != "smtp":
+            return splice
+        side = splice.backend
+        if not side.early:
+            if side.eof or side.gone:
+                ok = False
+            else:
+                side.first_data = self.loop.create_future()
+                try:
+                    ok = await asyncio.wait_for(side.first_data, cfg.greeting_timeout)
+                except TimeoutError:
+                    ok = False
+            if not ok:
+                transport.abort()
+                b.passive_failure("greeting", "no greeting before close/timeout")
+                return None
+        return splice
+
+    async def _refuse(self, conn: socket.socket, addr: Address, outcome: str) -> None:
+        """The no-silent-drop rule: 421 and a clean close (smtp), or a plain close (tcp)."""
+        self.metrics.outcome[outcome].inc()
+        log.warning("connection.no_backend", listener=self.cfg.name, peer=addr[0],
+                    outcome=outcome)
+        try:
+            if self.cfg.mode == "smtp":
+                conn.setblocking(False)
+                conn.send(self.msg_421)
+                conn.shutdown(socket.SHUT_WR)
+                # read until the client's FIN so close() does not turn into a RST that
+                # could destroy the 421 before the client reads it
+                async with asyncio.timeout(LINGER_421):
+                    while await self.loop.sock_recv(conn, 4096):
+                        pass
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            conn.close()
+            if not self.access.trivial:
+                self.access.release(addr[0])
+
+    def _finished(self, splice: Splice, outcome: str) -> None:
+        self.splices.discard(splice)
+        m = self.metrics
+        m.active.dec()
+        m.outcome[outcome].inc()
+        up, down = splice.client.nbytes, splice.backend.nbytes
+        m.bytes_up.inc(up)
+        m.bytes_down.inc(down)
+        duration = time.monotonic() - splice.started
+        m.duration.observe(duration)
+        addr, backend = splice.tag
+        if not self.access.trivial:
+            self.access.release(addr[0])
+        if self._sampler.allow():
+            log.info("splice.finished", listener=self.cfg.name, peer=f"{addr[0]}:{addr[1]}",
+                     backend=backend.name, bytes_up=up, bytes_down=down,
+                     duration=round(duration, 4), outcome=outcome,
+                     suppressed=self._sampler.take_suppressed())
+
+    # --- idle timeout -------------------------------------------------------------------
+
+    async def _sweep_idle(self) -> None:
+        """One timer per listener instead of one per connection: a splice whose byte count
+        has not moved for idle_timeout is closed."""
+        seen: dict[Splice, tuple[int, float]] = {}
+        while True:
+            timeout = self.cfg.idle_timeout
+            await asyncio.sleep(max(0.05, min(timeout / 10, 5.0)))
+            now = self.loop.time()
+            current: dict[Splice, tuple[int, float]] = {}
+            for s in self.splices:
+                n = s.nbytes
+                prev = seen.get(s)
+                if prev is None or prev[0] != n:
+                    current[s] = (n, now)
+                elif now - prev[1] >= timeout:
+                    s.abort("idle_timeout")
+                else:
+                    current[s] = prev
+            seen = current
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.cfg.name,
+            "addresses": [str(e) for e in self.cfg.endpoints],
+            "mode": self.cfg.mode,
+            "gate": {"state": "open" if self.gate.is_open else "closed",
+                     "reason": self.gate.reason, "drained": self.gate.drained,
+                     "policy": self.cfg.gate, "holds": sorted(self.gate.holds)},
+            "connections_active": len(self.splices),
+            "backends": [b.status() for b in self.pool.backends],
+        }

@@ -1,0 +1,140 @@
+"""The OS edges: binding, socket activation, dropping privileges, sd_notify.
+
+Binding happens exactly once, before privileges are dropped; the gate later only toggles
+`listen()`/`shutdown(SHUT_RD)` on these sockets, which needs no privilege.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+import socket
+import stat
+
+import structlog
+
+from .config import Endpoint
+
+log = structlog.get_logger("forwarder.system")
+
+SD_LISTEN_FDS_START = 3
+
+
+class SystemError_(Exception):
+    """A start-up failure of the environment (bind, user lookup, privilege drop)."""
+
+
+def bind(ep: Endpoint, *, reuse_port: bool = False) -> socket.socket:
+    """Create a bound, non-listening TCP socket (refuses connections until listen())."""
+    try:
+        infos = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+    except socket.gaierror as e:
+        raise SystemError_(f"cannot resolve listen address {ep}: {e.strerror}") from None
+    family, stype, proto, _, addr = infos[0]
+    sock = socket.socket(family, stype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        hint = " (ports below 1024 need root, CAP_NET_BIND_SERVICE or socket activation)" \
+            if e.errno == errno.EACCES else ""
+        raise SystemError_(f"cannot bind {ep}: {e.strerror}{hint}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def activated_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd (LISTEN_FDS/LISTEN_PID), or [] when not activated.
+
+    The variables are removed so children do not inherit them.
+    """
+    pid = os.environ.get("LISTEN_PID")
+    nfds = os.environ.get("LISTEN_FDS")
+    if not nfds or (pid and pid.isdigit() and int(pid) != os.getpid()):
+        return []
+    names = os.environ.get("LISTEN_FDNAMES", "")
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    socks = []
+    for i, fd in enumerate(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(nfds))):
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise SystemError_(f"LISTEN_FDS: fd {fd} is not a socket")
+        s = socket.socket(fileno=fd)
+        if s.type != socket.SOCK_STREAM:
+            raise SystemError_(f"LISTEN_FDS: fd {fd} is not a stream socket")
+        s.setblocking(False)
+        s.fd_name = names.split(":")[i] if names else ""  # type: ignore[attr-defined]
+        socks.append(s)
+    return socks
+
+
+def drop_privileges(user: str | None, group: str | None) -> tuple[int, int] | None:
+    """Drop to user/group (default nobody) when running as root; verify it cannot come back.
+
+    Returns (uid, gid) after the drop, or None when nothing was dropped (not root).
+    """
+    if os.geteuid() != 0:
+        if user and user != pwd.getpwuid(os.geteuid()).pw_name:
+            log.warning("privileges.not_root", wanted_user=user,
+                        detail="not started as root; staying as the current user")
+        return None
+    name = user or "nobody"
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise SystemError_(f"user {name!r} does not exist") from None
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise SystemError_(f"group {group!r} does not exist") from None
+    else:
+        gid = pw.pw_gid
+    if pw.pw_uid == 0:
+        log.warning("privileges.kept_root", detail="user is root; not dropping privileges")
+        return None
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(pw.pw_uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:  # pragma: no cover - would be a kernel/libc bug
+        raise SystemError_("privilege drop failed: setuid(0) succeeded afterwards")
+    log.info("privileges.dropped", user=name, uid=pw.pw_uid, gid=gid)
+    return pw.pw_uid, gid
+
+
+def sd_notify(message: str) -> bool:
+    """Send a message to systemd's notify socket; False when not under systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(path)
+            s.sendall(message.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify.failed", error=e.strerror)
+        return False
+
+
+def watchdog_interval() -> float | None:
+    """Half of WatchdogSec when systemd asks for pings, else None."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or (pid and pid.isdigit() and int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2e6
