@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -41,9 +41,9 @@ class Side(asyncio.Protocol):
         self.exc: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        # uvloop's transports implement the interface without subclassing asyncio.Transport
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
