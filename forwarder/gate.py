@@ -4,7 +4,9 @@ Closed means bound but not listening, so a SYN gets a RST (connection refused) a
 sender moves on to its next MX in milliseconds.  We never close or re-bind the socket:
 after the privilege drop a re-bind of port 25 would fail.  Linux lets a listening socket be
 taken out of LISTEN with shutdown(SHUT_RD) and put back with listen(), no privilege needed
-(HAProxy pauses listeners the same way).
+(HAProxy pauses listeners the same way).  This relies on the port having been bound
+explicitly (SOCK_BINDPORT_LOCK): a socket bound to port 0 loses its port on shutdown and
+listen() would pick a new ephemeral one, so ports are always explicit here.
 
 Before leaving LISTEN the accept queue is drained: those clients completed their handshake
 and would otherwise be reset; they are handed to the listener, which gives each the best

@@ -15,12 +15,27 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any, cast
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 EARLY_LIMIT = 64 * 1024
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close with a RST: transport.abort() alone sends a FIN, which would make a cut-off
+    transfer look complete to the peer."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except OSError:
+            pass
+    transport.abort()
 
 
 class Side(asyncio.Protocol):
@@ -133,7 +148,7 @@ class Splice:
         self.outcome = outcome
         for s in (self.client, self.backend):
             if s.transport is not None:
-                s.transport.abort()
+                reset(s.transport)
 
     def lost(self, side: Side, exc: Exception | None) -> None:
         if self.client.peer is None:
@@ -143,7 +158,7 @@ class Splice:
             if self.outcome == "spliced":
                 self.outcome = "error"
             if other.transport is not None:
-                other.transport.abort()  # make the truncation visible: RST, not FIN
+                reset(other.transport)  # make the truncation visible: RST, not FIN
         elif other.transport is not None and not other.transport.is_closing():
             other.transport.close()
         if not self.done and (other.transport is None or other.transport.is_closing()):

@@ -375,7 +375,7 @@ def is_refused(err: OSError) -> bool:
 def toml_listener(port: int, backend_port: int, *, mode: str = "smtp", probe: str = "smtp",
                   interval: float = 0.2, rise: int = 1, fall: int = 1, extra: str = "",
                   probe_extra: str = "", top: str = "", name: str = "smtp",
-                  address: str = "127.0.0.1") -> str:
+                  address: str = "127.0.0.1", probe_timeout: float = 1.0) -> str:
     """A one-listener TOML config with fast probes, for tests."""
     return f"""
 {top}
@@ -391,7 +391,7 @@ backend = "127.0.0.1:{backend_port}"
 kind = "{probe}"
 interval = {interval}
 fast_interval = 0.05
-timeout = 1.0
+timeout = {probe_timeout}
 rise = {rise}
 fall = {fall}
 jitter = 0.0
