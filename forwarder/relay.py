@@ -26,7 +26,7 @@ EARLY_LIMIT = 64 * 1024
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
-def reset(transport: asyncio.BaseTransport) -> None:
+def reset(transport: asyncio.Transport) -> None:
     """Close with a RST: transport.abort() alone sends a FIN, which would make a cut-off
     transfer look complete to the peer."""
     sock = transport.get_extra_info("socket")

@@ -6,11 +6,14 @@ import asyncio
 import hashlib
 import os
 import socket
+import struct
 import threading
 
 import pytest
 
-from .helpers import EchoBackend, Forwarder, forwarder, free_port, pattern, toml_listener, wait_port
+from .helpers import EchoBackend, forwarder, free_port, pattern, toml_listener, wait_port
+
+LINGER_RST = struct.pack("ii", 1, 0)  # close() sends a RST
 
 
 def _tcp_forwarder(port: int, bport: int, extra: str = "") -> str:
@@ -94,8 +97,7 @@ def test_hostile_clients_do_not_disturb_others() -> None:
                     if kind == 0:
                         s.sendall(os.urandom(200_000) + b"\0" * 1000)
                     elif kind == 1:
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                     b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
                         s.sendall(b"x" * 10)
                     s.close()
                 except OSError as e:
@@ -127,7 +129,7 @@ def test_backend_reset_midway_resets_client() -> None:
     class Resetter(EchoBackend):
         def handle(self, conn: socket.socket) -> None:
             conn.sendall(b"partial")
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
             conn.close()
 
     with Resetter() as be, forwarder(_tcp_forwarder(port, be.port)):
@@ -157,7 +159,3 @@ def test_idle_timeout_closes_silent_connection() -> None:
                     pass
         ev = fw.wait_event("splice.finished", since=mark)
         assert ev["outcome"] == "idle_timeout"
-
-
-def _unused(_: Forwarder) -> None:
-    pass

@@ -1,0 +1,103 @@
+"""SIGTERM drains gracefully; SIGHUP reloads without dropping live splices."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import time
+
+from .helpers import (
+    EchoBackend,
+    SmtpBackend,
+    connect_result,
+    forwarder,
+    free_port,
+    toml_listener,
+    wait_port,
+)
+
+
+def test_sigterm_lets_live_splice_finish_then_exits_0() -> None:
+    port = free_port()
+    with EchoBackend() as be, \
+            forwarder(toml_listener(port, be.port, mode="tcp", probe="tcp")) as fw:
+        wait_port("127.0.0.1", port, "open", 10)
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"before")
+        assert s.recv(100) == b"before"
+        mark = fw.mark()
+        fw.signal(signal.SIGTERM)
+        fw.wait_event("gate.closed", since=mark, reason="shutdown")
+        assert connect_result("127.0.0.1", port) == "refused"
+        # the live splice still works while draining
+        payload = os.urandom(200_000)
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+        s.close()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        assert fw.proc is not None
+        assert fw.proc.wait(10) == 0
+        fw.read_events()
+        stopped = [e for e in fw.events if e["event"] == "forwarder.stopped"]
+        assert stopped and stopped[0]["cut"] == 0
+
+
+def test_sigterm_cuts_splices_after_drain_timeout() -> None:
+    port = free_port()
+    cfg = toml_listener(port, 0, mode="tcp", probe="tcp").replace("drain_timeout = 5",
+                                                                  "drain_timeout = 0.3")
+    with EchoBackend() as be:
+        cfg = cfg.replace("127.0.0.1:0", f"127.0.0.1:{be.port}")
+        with forwarder(cfg) as fw:
+            wait_port("127.0.0.1", port, "open", 10)
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+            t0 = time.monotonic()
+            fw.signal(signal.SIGTERM)
+            assert fw.proc is not None and fw.proc.wait(10) == 0
+            assert time.monotonic() - t0 < 5
+            fw.read_events()
+            assert next(e for e in fw.events if e["event"] == "forwarder.stopped")["cut"] == 1
+            s.close()
+
+
+def test_sighup_reload_switches_backend_without_dropping_live_splice() -> None:
+    port = free_port()
+    with EchoBackend() as old, SmtpBackend() as new, \
+            forwarder(toml_listener(port, old.port, mode="tcp", probe="tcp")) as fw:
+        wait_port("127.0.0.1", port, "open", 10)
+        live = socket.create_connection(("127.0.0.1", port), timeout=10)
+        live.sendall(b"one")
+        assert live.recv(10) == b"one"
+        fw.config_path.write_text(toml_listener(port, new.port, mode="tcp", probe="smtp"))
+        mark = fw.mark()
+        fw.signal(signal.SIGHUP)
+        fw.wait_event("reload.done", since=mark)
+        # the old splice is untouched
+        live.sendall(b"two")
+        assert live.recv(10) == b"two"
+        live.close()
+        # new connections go to the new backend once its probe passes
+        fw.wait_event("backend.state", since=mark, state="up",
+                      backend=f"127.0.0.1:{new.port}")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert s.recv(100).startswith(b"220 ")
+
+
+def test_sighup_with_bad_config_keeps_running(tmp_path: object) -> None:
+    port = free_port()
+    with EchoBackend() as be, \
+            forwarder(toml_listener(port, be.port, mode="tcp", probe="tcp")) as fw:
+        wait_port("127.0.0.1", port, "open", 10)
+        fw.config_path.write_text("[[listener]]\nport = 'x'\n")
+        mark = fw.mark()
+        fw.signal(signal.SIGHUP)
+        err = fw.wait_event("reload.failed", since=mark)
+        assert "listener.0" in err["error"]
+        assert connect_result("127.0.0.1", port) == "open"
