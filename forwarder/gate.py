@@ -140,10 +140,15 @@ class Gate:
         self._accept_all(sock, limit=ACCEPT_BATCH)
 
     def _accept_all(self, sock: socket.socket, limit: int | None) -> None:
+        # socket.accept() converts family/type to enums on every call; with the ints
+        # cached the hot path builds the socket object directly
+        fam, typ, proto = int(sock.family), int(sock.type), sock.proto
+        raw_accept = sock._accept  # type: ignore[attr-defined]
         n = 0
         while limit is None or n < limit:
             try:
-                conn, addr = sock.accept()
+                fd, addr = raw_accept()
+                conn = socket.socket(fam, typ, proto, fileno=fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
