@@ -245,5 +245,6 @@ class Listener:
                      "reason": self.gate.reason, "drained": self.gate.drained,
                      "policy": self.cfg.gate, "holds": sorted(self.gate.holds)},
             "connections_active": len(self.splices),
+            "connections_pending": len(self.tasks),
             "backends": [b.status() for b in self.pool.backends],
         }

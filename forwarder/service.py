@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -218,7 +219,13 @@ class Service:
     # --- for the admin endpoint ---------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {"version": __version__,
+        """For /status: also the task and fd counts, so leaks are visible from outside."""
+        try:
+            fds = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            fds = -1
+        return {"version": __version__, "pid": os.getpid(),
+                "tasks": len(asyncio.all_tasks()), "fds": fds,
                 "listeners": [lst.status() for lst in self.listeners.values()]}
 
     def drain(self, name: str | None = None) -> list[str]:
