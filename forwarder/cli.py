@@ -41,6 +41,8 @@ def _oneliner_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("smtp", "tcp"),
                    help="smtp: 421 when no backend; tcp: close (default: smtp for port 25)")
     p.add_argument("--interval", type=float, help="probe interval in seconds (default 2)")
+    p.add_argument("--relay", choices=("auto", "protocol", "splice"),
+                   help="data path: asyncio protocols, or Linux os.splice() (default auto)")
     p.add_argument("--user", help="user to drop to when started as root (default nobody)")
     p.add_argument("--group", help="group to drop to (default: the user's group)")
     p.add_argument("--admin", metavar="ADDR:PORT", help="admin HTTP listener (/metrics ...)")
@@ -87,7 +89,7 @@ def _oneliner(args: list[str]) -> int:
                                   "activation)", key="--listen")
             listen = "127.0.0.1:1"  # placeholder, replaced by the passed sockets
         cfg = from_cli(listen, ns.backend, probe=ns.probe, mode=ns.mode, user=ns.user,
-                       group=ns.group, admin=ns.admin, interval=ns.interval)
+                       group=ns.group, admin=ns.admin, interval=ns.interval, relay=ns.relay)
         if ns.listen is None:
             from .service import cli_listener_for_activation
             cfg = cli_listener_for_activation(cfg, activated)

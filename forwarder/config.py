@@ -18,6 +18,7 @@ Mode = Literal["smtp", "tcp"]
 ProbeKind = Literal["tcp", "smtp"]
 GatePolicy = Literal["local", "any"]
 ProxyVersion = Literal["v1", "v2"]
+RelayKind = Literal["auto", "protocol", "splice"]
 
 
 class ConfigError(Exception):
@@ -129,6 +130,7 @@ class ListenerConfig:
     reuse_port: bool = False
     nodelay: bool = True
     keepalive: bool = False
+    relay: RelayKind = "auto"
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -453,6 +455,7 @@ def _listener(r: _Reader, index: int) -> ListenerConfig:
         hostname=r.get("hostname", str), discovery=discovery, access=access,
         reuse_port=r.get("reuse_port", bool, False), nodelay=r.get("nodelay", bool, True),
         keepalive=r.get("keepalive", bool, False),
+        relay=r.choice("relay", ("auto", "protocol", "splice"), "auto"),
     )
     r.done()
     return lc
@@ -548,7 +551,8 @@ def _access(r: _Reader) -> AccessConfig:
 
 def from_cli(listen: str, backends: list[str], *, probe: ProbeKind | None = None,
              mode: Mode | None = None, user: str | None = None, group: str | None = None,
-             admin: str | None = None, interval: float | None = None) -> Config:
+             admin: str | None = None, interval: float | None = None,
+             relay: RelayKind | None = None) -> Config:
     """Build a config from `--listen/--backend` flags; errors name the flag."""
     lep = _flag(parse_endpoint, listen, "--listen")
     if not backends:
@@ -565,7 +569,7 @@ def from_cli(listen: str, backends: list[str], *, probe: ProbeKind | None = None
     lc = ListenerConfig(
         name="default", addresses=(lep.host,), port=lep.port,
         backends=tuple(BackendConfig(ep, priority=i, local=i == 0) for i, ep in enumerate(beps)),
-        mode=mode, probe=pc, gate="local")
+        mode=mode, probe=pc, gate="local", relay=relay or "auto")
     return Config(listeners=(lc,), user=user, group=group,
                   admin=_flag(parse_endpoint, admin, "--admin") if admin else None)
 
@@ -608,7 +612,7 @@ def to_toml(cfg: Config) -> str:
         out += ["", "[[listener]]"]
         for k in ("name", "addresses", "port", "mode", "backlog", "gate", "connect_timeout",
                   "idle_timeout", "greeting_timeout", "send_proxy", "hostname", "reuse_port",
-                  "nodelay", "keepalive"):
+                  "nodelay", "keepalive", "relay"):
             v = getattr(lc, k)
             if v is not None:
                 out.append(f"{k} = {_tv(v)}")

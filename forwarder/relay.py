@@ -168,3 +168,11 @@ class Splice:
     @property
     def nbytes(self) -> int:
         return self.client.nbytes + self.backend.nbytes
+
+    @property
+    def bytes_up(self) -> int:
+        return self.client.nbytes
+
+    @property
+    def bytes_down(self) -> int:
+        return self.backend.nbytes

@@ -16,8 +16,15 @@ from .helpers import EchoBackend, forwarder, free_port, pattern, toml_listener, 
 LINGER_RST = struct.pack("ii", 1, 0)  # close() sends a RST
 
 
-def _tcp_forwarder(port: int, bport: int, extra: str = "") -> str:
-    return toml_listener(port, bport, mode="tcp", probe="tcp", extra=extra)
+@pytest.fixture(params=["protocol", "splice"])
+def relay(request: pytest.FixtureRequest) -> str:
+    """Every relay test runs against both data paths."""
+    return str(request.param)
+
+
+def _tcp_forwarder(port: int, bport: int, relay: str, extra: str = "") -> str:
+    return toml_listener(port, bport, mode="tcp", probe="tcp",
+                         extra=f'relay = "{relay}"\n{extra}')
 
 
 def _roundtrip(port: int, payload: bytes, reply_size: int) -> tuple[bytes, bytes]:
@@ -43,12 +50,12 @@ def _roundtrip(port: int, payload: bytes, reply_size: int) -> tuple[bytes, bytes
 
 
 @pytest.mark.parametrize("size", [0, 1, 65537, 64 * 1024 * 1024])
-def test_integrity_both_directions_with_half_close(size: int) -> None:
+def test_integrity_both_directions_with_half_close(size: int, relay: str) -> None:
     port = free_port()
     payload = os.urandom(size)
     reply_size = max(size, 1)
     with EchoBackend(digest_reply=reply_size) as be, \
-            forwarder(_tcp_forwarder(port, be.port)):
+            forwarder(_tcp_forwarder(port, be.port, relay)):
         wait_port("127.0.0.1", port, "open", 10)
         digest, reply = _roundtrip(port, payload, reply_size)
     assert digest == hashlib.sha256(payload).hexdigest().encode()
@@ -56,7 +63,7 @@ def test_integrity_both_directions_with_half_close(size: int) -> None:
     assert hashlib.sha256(reply).digest() == hashlib.sha256(pattern(reply_size)).digest()
 
 
-def test_500_concurrent_connections_all_intact() -> None:
+def test_500_concurrent_connections_all_intact(relay: str) -> None:
     port = free_port()
     n, size = 500, 32 * 1024
 
@@ -74,16 +81,17 @@ def test_500_concurrent_connections_all_intact() -> None:
         async with asyncio.timeout(60):
             return await asyncio.gather(*(one(i) for i in range(n)))
 
-    with EchoBackend() as be, forwarder(_tcp_forwarder(port, be.port, "backlog = 1024")):
+    with EchoBackend() as be, forwarder(_tcp_forwarder(port, be.port, relay, "backlog = 1024")):
         wait_port("127.0.0.1", port, "open", 10)
         results = asyncio.run(all_of_them())
     assert sum(results) == n
 
 
-def test_hostile_clients_do_not_disturb_others() -> None:
+def test_hostile_clients_do_not_disturb_others(relay: str) -> None:
     """Garbage spewers, instant closers and resetters alongside a clean transfer."""
     port = free_port()
-    with EchoBackend(digest_reply=1000) as be, forwarder(_tcp_forwarder(port, be.port)) as fw:
+    with EchoBackend(digest_reply=1000) as be, \
+            forwarder(_tcp_forwarder(port, be.port, relay)) as fw:
         wait_port("127.0.0.1", port, "open", 10)
         stop = threading.Event()
         errors: list[BaseException] = []
@@ -122,7 +130,7 @@ def test_hostile_clients_do_not_disturb_others() -> None:
         assert not tracebacks
 
 
-def test_backend_reset_midway_resets_client() -> None:
+def test_backend_reset_midway_resets_client(relay: str) -> None:
     """A truncated transfer must not look like a clean end: RST, not FIN."""
     port = free_port()
 
@@ -132,7 +140,7 @@ def test_backend_reset_midway_resets_client() -> None:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
             conn.close()
 
-    with Resetter() as be, forwarder(_tcp_forwarder(port, be.port)):
+    with Resetter() as be, forwarder(_tcp_forwarder(port, be.port, relay)):
         wait_port("127.0.0.1", port, "open", 10)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             got = b""
@@ -145,9 +153,10 @@ def test_backend_reset_midway_resets_client() -> None:
             assert got in (b"", b"partial")
 
 
-def test_idle_timeout_closes_silent_connection() -> None:
+def test_idle_timeout_closes_silent_connection(relay: str) -> None:
     port = free_port()
-    with EchoBackend() as be, forwarder(_tcp_forwarder(port, be.port, "idle_timeout = 0.5")) as fw:
+    with EchoBackend() as be, \
+            forwarder(_tcp_forwarder(port, be.port, relay, "idle_timeout = 0.5")) as fw:
         wait_port("127.0.0.1", port, "open", 10)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"ping")
@@ -157,5 +166,5 @@ def test_idle_timeout_closes_silent_connection() -> None:
             with pytest.raises(ConnectionResetError):
                 while s.recv(10):
                     pass
-        ev = fw.wait_event("splice.finished", since=mark)
-        assert ev["outcome"] == "idle_timeout"
+        ev = fw.wait_event("splice.finished", since=mark, outcome="idle_timeout")
+        assert ev["bytes_up"] == 4 and ev["bytes_down"] == 4
