@@ -23,7 +23,7 @@ from .gate import Address, Gate
 from .logs import Sampler
 from .metrics import ListenerMetrics
 from .relay import Splice
-from .splice import PipeSplice
+from .splice import PipeSplice, Poller, poll_connect, poll_readable
 from .splice import available as splice_available
 
 log = structlog.get_logger("forwarder.listener")
@@ -67,6 +67,8 @@ class Listener:
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.use_splice:
+            Poller.for_loop(self.loop)  # now, not mid-traffic: fd counts stay flat
         self.pool.start()
         self._sweeper = self.loop.create_task(self._sweep_idle(), name=f"idle {self.cfg.name}")
 
@@ -194,18 +196,17 @@ class Listener:
         return splice
 
     async def _attempt_raw(self, b: Backend, conn: socket.socket) -> socket.socket | None:
-        """The same as _attempt, for the os.splice relay: a plain connected socket."""
+        """The same as _attempt, for the os.splice relay: a plain connected socket.
+
+        Waits go through the splice Poller, not loop.sock_connect()/add_reader(): uvloop
+        drops those silently when the fd reports EPOLLERR (an asynchronous refusal, a RST),
+        and the wait would run into its timeout instead of failing at once."""
         cfg = self.cfg
         ep = b.endpoint
-        bs = socket.socket(socket.AF_INET6 if ":" in ep.host else socket.AF_INET,
-                           socket.SOCK_STREAM)
-        bs.setblocking(False)
         t0 = self.loop.time()
         try:
-            async with asyncio.timeout(cfg.connect_timeout):
-                await self.loop.sock_connect(bs, (ep.host, ep.port))
+            bs = await poll_connect(self.loop, ep.host, ep.port, cfg.connect_timeout)
         except (OSError, TimeoutError) as e:
-            bs.close()
             b.passive_failure("connect", str(e) or "timeout")
             return None
         b.metrics.connect.observe(self.loop.time() - t0)
@@ -213,12 +214,7 @@ class Listener:
         if cfg.send_proxy:
             bs.send(proxy_protocol.header_for_socket(cfg.send_proxy, conn))
         if cfg.mode == "smtp":
-            readable: asyncio.Future[bool] = self.loop.create_future()
-            self.loop.add_reader(bs.fileno(), _resolve, readable, True)
-            try:
-                ok = await self._within(readable, cfg.greeting_timeout)
-            finally:
-                self.loop.remove_reader(bs.fileno())
+            ok = await poll_readable(self.loop, bs, cfg.greeting_timeout)
             try:
                 ok = ok and bs.recv(1, socket.MSG_PEEK) != b""
             except OSError:
@@ -291,7 +287,7 @@ class Listener:
             await asyncio.sleep(max(0.05, min(timeout / 10, 5.0)))
             now = self.loop.time()
             current: dict[Splice | PipeSplice, tuple[int, float]] = {}
-            for s in self.splices:
+            for s in list(self.splices):  # abort() may finish a splice synchronously
                 n = s.nbytes
                 prev = seen.get(s)
                 if prev is None or prev[0] != n:

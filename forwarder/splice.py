@@ -17,6 +17,7 @@ reading while its pipe cannot be flushed), a RST to the other side on an error,
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import select
@@ -316,3 +317,70 @@ class PipeSplice:
                     pass
             s.close()
         self.on_done(self, self.outcome)
+
+
+async def poll_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                        timeout: float) -> bool:
+    """True once `sock` is readable (data, EOF or an error), False after `timeout`."""
+    poller = Poller.for_loop(loop)
+    fut: asyncio.Future[bool] = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(True)
+
+    def expired() -> None:
+        if not fut.done():
+            fut.set_result(False)
+
+    poller.add_reader(fd, ready)
+    timer = loop.call_later(timeout, expired)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+        poller.remove_reader(fd)
+
+
+async def poll_connect(loop: asyncio.AbstractEventLoop, host: str, port: int,
+                       timeout: float) -> socket.socket:
+    """A non-blocking TCP connect that fails as soon as the kernel knows (refused,
+    unreachable) and raises TimeoutError after `timeout`."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+    except socket.gaierror:  # a host name: resolve without blocking the loop
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, stype, proto, _, addr = infos[0]
+    sock = socket.socket(family, stype, proto)
+    sock.setblocking(False)
+    try:
+        err = sock.connect_ex(addr)
+        if err == errno.EINPROGRESS:
+            poller = Poller.for_loop(loop)
+            fut: asyncio.Future[None] = loop.create_future()
+            fd = sock.fileno()
+
+            def done() -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            poller.add_writer(fd, done)
+            def expired() -> None:
+                if not fut.done():
+                    fut.set_exception(TimeoutError(f"connect to {host}:{port} timed out"))
+
+            timer = loop.call_later(timeout, expired)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                poller.remove_writer(fd)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -52,3 +52,25 @@ def test_privileged_port_drop_to_nobody_and_toggle() -> None:
         assert _ids(fw.pid)["Uid"][0] == nobody.pw_uid
         fw.read_events()
         assert sum(1 for e in fw.events if e["event"] == "gate.open") == 3
+
+
+def test_after_the_drop_a_new_privileged_bind_fails() -> None:
+    """SIGHUP with a new listener on a port < 1024: the dropped process cannot bind it,
+    says so, and keeps serving the old one."""
+    need_root()
+    import signal
+
+    host = "127.0.0.1"
+    port, bport = free_port(), free_port()
+    new_port = _free_privileged_port(host)
+    cfg = toml_listener(port, bport, interval=0.1, rise=1, fall=1)
+    with SmtpBackend(bport), forwarder(cfg) as fw:
+        wait_port(host, port, "open", 5)
+        extra = toml_listener(new_port, bport, name="second").split("drain_timeout = 5", 1)[1]
+        fw.config_path.write_text(cfg + extra)
+        mark = fw.mark()
+        fw.signal(signal.SIGHUP)
+        ev = fw.wait_event("reload.needs_restart", since=mark, listener="second")
+        assert "Permission denied" in ev["error"]
+        assert connect_result(host, new_port) == "refused"
+        assert connect_result(host, port) == "open"

@@ -62,7 +62,7 @@ def test_backend_dies_between_probes_client_gets_421_not_silence() -> None:
     cfg = toml_listener(port, be.port, interval=30.0, rise=1, fall=2)  # the prober is asleep
     try:
         with forwarder(cfg) as fw:
-            wait_port("127.0.0.1", port, "open", 10)
+            fw.wait_event("gate.open")  # not wait_port: its connection would race be.stop()
             mark = fw.mark()
             be.stop()
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -89,10 +89,13 @@ def test_passive_failure_closes_gate_within_100ms() -> None:
     try:
         with forwarder(cfg) as fw:
             wait_port("127.0.0.1", port, "open", 10)
-            be.stop()
             mark = fw.mark()
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                smtp_reply(s)
+            be.stop()
+            try:  # wait_port's own connection may already have hit the dead backend
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    smtp_reply(s)
+            except ConnectionRefusedError:
+                pass
             fail = fw.wait_event("backend.passive_failure", since=mark)
             closed = fw.wait_event("gate.closed", since=mark)
             from datetime import datetime
