@@ -285,18 +285,25 @@ class Listener:
         while True:
             timeout = self.cfg.idle_timeout
             await asyncio.sleep(max(0.05, min(timeout / 10, 5.0)))
-            now = self.loop.time()
-            current: dict[Splice | PipeSplice, tuple[int, float]] = {}
-            for s in list(self.splices):  # abort() may finish a splice synchronously
-                n = s.nbytes
-                prev = seen.get(s)
-                if prev is None or prev[0] != n:
-                    current[s] = (n, now)
-                elif now - prev[1] >= timeout:
-                    s.abort("idle_timeout")
-                else:
-                    current[s] = prev
-            seen = current
+            try:
+                seen = self._sweep_once(seen, timeout)
+            except Exception:  # the sweeper must outlive any one bad splice
+                log.exception("idle.sweep_failed", listener=self.cfg.name)
+
+    def _sweep_once(self, seen: dict[Splice | PipeSplice, tuple[int, float]],
+                    timeout: float) -> dict[Splice | PipeSplice, tuple[int, float]]:
+        now = self.loop.time()
+        current: dict[Splice | PipeSplice, tuple[int, float]] = {}
+        for s in list(self.splices):  # abort() may finish a splice synchronously
+            n = s.nbytes
+            prev = seen.get(s)
+            if prev is None or prev[0] != n:
+                current[s] = (n, now)
+            elif now - prev[1] >= timeout:
+                s.abort("idle_timeout")
+            else:
+                current[s] = prev
+        return current
 
     def status(self) -> dict[str, Any]:
         return {
