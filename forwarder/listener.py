@@ -8,6 +8,7 @@ An accepted connection always gets an answer: a splice, or a 421 (smtp mode) / c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -37,6 +38,11 @@ def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
         fut.set_result(value)
 
 
+def reply_busy(hostname: str) -> bytes:
+    return (f"421 4.7.0 {hostname} Too many connections, try again later\r\n"
+            .encode("ascii", "replace"))
+
+
 def reply_421(hostname: str) -> bytes:
     return (f"421 4.3.2 {hostname} Service not available, closing transmission channel\r\n"
             .encode("ascii", "replace"))
@@ -49,6 +55,7 @@ class Listener:
         self.metrics = ListenerMetrics(cfg.name)
         self.hostname = cfg.hostname or hostname
         self.msg_421 = reply_421(self.hostname)
+        self.msg_busy = reply_busy(self.hostname)
         self.pool = Pool(cfg.name, cfg.backends, cfg.probe, cfg.send_proxy)
         self.gate = Gate(cfg.name, socks, cfg.backlog, self._on_accept, self.metrics)
         self.access = Access(cfg.access, self.loop.time, self.gate.hold_closed)
@@ -83,6 +90,7 @@ class Listener:
         self.cfg = cfg
         self.hostname = cfg.hostname or self.hostname
         self.msg_421 = reply_421(self.hostname)
+        self.msg_busy = reply_busy(self.hostname)
         self.gate.backlog = cfg.backlog
         if cfg.access != self.access.cfg:
             old = self.access
@@ -119,6 +127,12 @@ class Listener:
         if refusal is not None:
             self.metrics.outcome[refusal].inc()
             log.info("connection.refused", listener=self.cfg.name, peer=host, outcome=refusal)
+            if refusal == "rate_limited" and self.cfg.mode == "smtp":
+                # a reason the sender can act on (retry later), not a bare close; no task
+                # and no lingering: this path must stay cheap under a flood
+                with contextlib.suppress(OSError):
+                    conn.send(self.msg_busy)
+                    conn.shutdown(socket.SHUT_WR)
             conn.close()
             return
         t = self.loop.create_task(self._serve(conn, addr))
