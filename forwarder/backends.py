@@ -109,6 +109,8 @@ class Backend:
                     "probe.failed", backend=self.name, kind=p.kind, result=res.result,
                     detail=res.detail, duration=round(res.duration, 4))
             self._record(res.ok)
+            if len(self.history) == 1 and not res.ok:
+                self._on_change()  # a first failure is a verdict even without a transition
             wait = p.fast_interval if self.pending else p.interval
             wait *= 1 + random.uniform(-p.jitter, p.jitter)
             self._wake.clear()

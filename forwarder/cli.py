@@ -154,6 +154,11 @@ def _run(cfg: Config, ns: argparse.Namespace, reloader: Callable[[], Config] | N
     logs.setup(ns.log_format or cfg.log.format, ns.log_level or cfg.log.level)
     from .service import Service, bind_all
 
+    for s in activated:  # logged only now: logging is set up after the sockets were taken
+        system.log.info(
+            "activation.socket", fd=s.fileno(), name=s.fd_name,
+            address=":".join(map(str, s.getsockname()[:2])))
+
     socks = bind_all(cfg, activated)
     loop_factory = _loop_factory()
     _preimport()

@@ -50,6 +50,10 @@ class Gate:
         self.holds: dict[str, float] = {}  # reason -> loop time until which we stay closed
         self._want_open = False
         self.stopping = False
+        # a socket handed over by systemd is already listening (and may hold the very
+        # connection that triggered the activation): it stays so until the first verdict
+        self._listening_at_start = any(
+            s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) for s in socks)
         self._backoff: asyncio.TimerHandle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
@@ -104,8 +108,9 @@ class Gate:
                   and not self.stopping)
         if should and not self.is_open:
             self._open(reason)
-        elif not should and self.is_open:
+        elif not should and (self.is_open or self._listening_at_start):
             self._close(reason)
+        self._listening_at_start = False
 
     # --- the mechanism ------------------------------------------------------------------
 

@@ -51,6 +51,12 @@ def bind(ep: Endpoint, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+class ActivatedSocket(socket.socket):
+    """A socket passed by systemd, with its LISTEN_FDNAMES entry."""
+
+    fd_name: str = ""
+
+
 def activated_sockets() -> list[socket.socket]:
     """Sockets passed by systemd (LISTEN_FDS/LISTEN_PID), or [] when not activated.
 
@@ -63,15 +69,15 @@ def activated_sockets() -> list[socket.socket]:
     names = os.environ.get("LISTEN_FDNAMES", "")
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)
-    socks = []
+    socks: list[socket.socket] = []
     for i, fd in enumerate(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(nfds))):
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             raise SystemError_(f"LISTEN_FDS: fd {fd} is not a socket")
-        s = socket.socket(fileno=fd)
+        s = ActivatedSocket(fileno=fd)
         if s.type != socket.SOCK_STREAM:
             raise SystemError_(f"LISTEN_FDS: fd {fd} is not a stream socket")
         s.setblocking(False)
-        s.fd_name = names.split(":")[i] if names else ""  # type: ignore[attr-defined]
+        s.fd_name = names.split(":")[i] if names else ""
         socks.append(s)
     return socks
 
