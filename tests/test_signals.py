@@ -6,6 +6,7 @@ import hashlib
 import os
 import signal
 import socket
+import threading
 import time
 
 from .helpers import (
@@ -101,3 +102,55 @@ def test_sighup_with_bad_config_keeps_running(tmp_path: object) -> None:
         err = fw.wait_event("reload.failed", since=mark)
         assert "listener.0" in err["error"]
         assert connect_result("127.0.0.1", port) == "open"
+
+
+def test_sighup_under_traffic_keeps_200_splices_and_the_bound_socket() -> None:
+    """A reload that changes probe interval, limits and adds a backend: 200 live splices
+    carry on intact, and a client connecting in a loop throughout is never refused."""
+    port = free_port()
+    n = 200
+    with EchoBackend() as be, EchoBackend() as extra, \
+            forwarder(toml_listener(port, be.port, mode="tcp", probe="tcp")) as fw:
+        wait_port("127.0.0.1", port, "open", 10)
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+        for i, c in enumerate(conns):
+            c.sendall(b"hello %d" % i)
+        for i, c in enumerate(conns):
+            assert c.recv(100) == b"hello %d" % i
+        refused = 0
+        stop = threading.Event()
+
+        def knock() -> None:
+            nonlocal refused
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                refused += connect_result("127.0.0.1", port) != "open"
+
+        t = threading.Thread(target=knock)
+        t.start()
+        try:
+            fw.config_path.write_text(toml_listener(
+                port, be.port, mode="tcp", probe="tcp", interval=0.5,
+                extra=f'[[listener.backends]]\naddress = "127.0.0.1:{extra.port}"\npriority = 1\n'
+                      '[listener.access]\nper_source = 1000\n').replace(
+                f'backend = "127.0.0.1:{be.port}"',
+                f'[[listener.backends]]\naddress = "127.0.0.1:{be.port}"'))
+            mark = fw.mark()
+            fw.signal(signal.SIGHUP)
+            fw.wait_event("reload.done", since=mark)
+            fw.wait_event("backend.state", since=mark, state="up",
+                          backend=f"127.0.0.1:{extra.port}")
+        finally:
+            stop.set()
+            t.join(35)
+        assert refused == 0
+        payload = os.urandom(20_000)
+        for c in conns:
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+        for c in conns:
+            got = b""
+            while chunk := c.recv(65536):
+                got += chunk
+            c.close()
+            assert got == payload
