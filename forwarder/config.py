@@ -445,6 +445,9 @@ def _listener(r: _Reader, index: int) -> ListenerConfig:
     acc_t = r.get("access", dict)
     access = _access(r.sub("access", acc_t)) if acc_t is not None else AccessConfig()
     gate = r.choice("gate", ("local", "any"), "local")
+    if gate == "local" and not backends:
+        raise r.error("gate", "gate = \"local\" needs a local backend (backend = ...); with "
+                              "only discovered peers use gate = \"any\"")
     lc = ListenerConfig(
         name=name, addresses=addresses, port=port, backends=tuple(backends), mode=mode,
         backlog=r.integer("backlog", 511) or 511, gate=gate, probe=probe,
@@ -510,7 +513,11 @@ def _discovery(r: _Reader) -> DiscoveryConfig:
         try:
             ipaddress.ip_address(n)
         except ValueError:
-            raise r.error(key, f"expected an IP address, got {n!r}") from None
+            try:  # "IP:PORT" or "[V6]:PORT": a DNS server on another port
+                ep = parse_endpoint(n, key)
+                ipaddress.ip_address(ep.host)
+            except (ConfigError, ValueError):
+                raise r.error(key, f"expected an IP address or IP:PORT, got {n!r}") from None
     exclude = r.get("exclude", list, [])
     d = DiscoveryConfig(
         mx=mx, srv=srv, port=r.wrap("port", check_port, r.get("port", int, 8025), "port"),
