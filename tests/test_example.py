@@ -6,7 +6,7 @@ import smtplib
 
 from forwarder.config import load_toml
 
-from .helpers import ROOT, Forwarder, SmtpBackend, connect_result, wait_port
+from .helpers import ROOT, Forwarder, SmtpBackend, connect_result, run_cli, wait_port
 
 EXAMPLE = ROOT / "deploy" / "examples" / "example.toml"
 
@@ -29,3 +29,11 @@ def test_example_config_gates_on_the_backend() -> None:
                            "Subject: example\r\n\r\nit works\r\n")
             assert b"it works" in be.wait_messages(1)[0]["data"]
         wait_port(host, port, "refused", timeout=2 * lc.probe.interval + 2)
+
+
+def test_every_shipped_example_passes_check_config() -> None:
+    examples = sorted((ROOT / "deploy" / "examples").glob("*.toml"))
+    assert len(examples) >= 4
+    for ex in examples:
+        r = run_cli("check-config", str(ex))
+        assert r.returncode == 0, (ex, r.stderr)
