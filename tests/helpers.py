@@ -223,6 +223,10 @@ class SmtpBackend:
         outer = self
 
         class Handler:
+            async def handle_PROXY(self, server: Any, session: Any, envelope: Any,
+                                   proxy_data: Any) -> bool:
+                return True  # aiosmtpd rejects every PROXY session without this hook
+
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
                 with outer._received:
                     outer.messages.append({
