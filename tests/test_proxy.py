@@ -29,6 +29,7 @@ def test_backend_sees_the_original_client_address(version: str, client: str) -> 
             wait_port(listen, port, "open", 10)
             with smtplib.SMTP(timeout=10, source_address=(client, 0)) as c:
                 c.connect(listen, port)
+                assert c.sock is not None
                 sport = c.sock.getsockname()[1]
                 c.sendmail("a@example.org", ["b@example.net"], "Subject: p\r\n\r\nproxied\r\n")
             msg = be.wait_messages(1)[0]
