@@ -138,7 +138,7 @@ def test_repeated_list_assignment_accumulates_like_xinetd() -> None:
 
 def test_scalar_set_twice_is_an_error() -> None:
     e = err(service(REDIRECT + "instances = 5\ninstances = 6"))
-    assert e.line == 9 and e.key == "instances" and "set twice" in str(e)
+    assert e.line == 10 and e.key == "instances" and "set twice" in str(e)
 
 
 def test_only_from_empty_denies_everyone() -> None:
@@ -172,12 +172,12 @@ def test_address_forms(entry: str, nets: list[str]) -> None:
                                    "bad_host!", "1.2.3.4.5"])
 def test_bad_addresses(entry: str) -> None:
     e = err(service(REDIRECT + f"only_from = {entry}"))
-    assert e.line == 8 and e.file == "test.conf"
+    assert e.line == 9 and e.file == "test.conf"
 
 
 def test_domain_wildcard_is_unsupported() -> None:
     e = err(service(REDIRECT + "no_access = .example.org"))
-    assert isinstance(e, xinetd.Unsupported) and e.line == 8
+    assert isinstance(e, xinetd.Unsupported) and e.line == 9
 
 
 # --- port, type, flags, limits ----------------------------------------------------------
@@ -224,7 +224,7 @@ def test_cps_instances_per_source() -> None:
     assert lc.access == AccessConfig(instances=None, per_source=3, cps=Cps(50, 10.0))
     for bad in ("cps = 50", "cps = 0 10", "cps = a b", "instances = 0", "per_source = -2",
                 "instances = lots"):
-        assert err(service(REDIRECT + bad)).line == 8, bad
+        assert err(service(REDIRECT + bad)).line == 9, bad
 
 
 def test_flags() -> None:
@@ -244,7 +244,7 @@ def test_flags() -> None:
 def test_bind_and_interface() -> None:
     assert one(service(REDIRECT + "bind = 127.0.0.2")).listeners[0].addresses == ("127.0.0.2",)
     assert one(service(REDIRECT + "interface = ::1")).listeners[0].addresses == ("::1",)
-    assert err(service(REDIRECT + "bind = 127.0.0.1 127.0.0.2")).line == 8
+    assert err(service(REDIRECT + "bind = 127.0.0.1 127.0.0.2")).line == 9
 
 
 def test_user_group_first_wins() -> None:
@@ -259,7 +259,7 @@ def test_duplicate_names_get_suffixes_and_same_bind_is_an_error() -> None:
     b = service(REDIRECT.replace("4025", "4026"), name="svc")
     assert [lc.name for lc in one(a + b).listeners] == ["svc", "svc-2"]
     e = err(a + a)
-    assert "already used" in str(e) and e.line == 11
+    assert "already used" in str(e) and e.line == 12
 
 
 def test_ignored_attributes() -> None:
@@ -284,7 +284,11 @@ def test_disable_and_disabled_and_enabled() -> None:
     assert [lc.name for lc in one(head + a + b + c).listeners] == ["a"]
     e = err(c)
     assert "no enabled redirect service" in str(e)
-    assert err(service(REDIRECT + "disable = maybe")).line == 8
+    # the lists name service ids (default: the name)
+    a_id = service(REDIRECT + "id = a-stream", name="a")
+    head = "defaults\n{\ndisabled = a-stream\n}\n"
+    assert [lc.name for lc in one(head + a_id + b).listeners] == ["b"]
+    assert err(service(REDIRECT + "disable = maybe")).line == 9
 
 
 def test_disabled_unsupported_service_is_silently_skipped() -> None:
@@ -298,16 +302,16 @@ def test_disabled_unsupported_service_is_silently_skipped() -> None:
 
 
 @pytest.mark.parametrize(("body", "line", "words"), [
-    ("socket_type = stream\nwait = no\nuser = root\nserver = /usr/sbin/in.telnetd", 7,
+    ("socket_type = stream\nwait = no\nuser = root\nserver = /usr/sbin/in.telnetd", 8,
      "server program"),
-    ("socket_type = dgram\nwait = no\nredirect = 127.0.0.1 1", 4, "dgram"),
-    ("socket_type = stream\nprotocol = udp\nwait = no\nredirect = 127.0.0.1 1", 5, "udp"),
-    ("type = RPC\nsocket_type = stream\nwait = no\nredirect = 127.0.0.1 1", 4, "RPC"),
-    ("type = INTERNAL\nsocket_type = stream\nwait = no", 4, "INTERNAL"),
-    ("socket_type = stream\nwait = yes\nredirect = 127.0.0.1 1", 5, "wait = yes"),
-    ("socket_type = stream\nwait = no\nredirect = 127.0.0.1 1\naccess_times = 2:00-8:00", 7,
+    ("socket_type = dgram\nwait = no\nredirect = 127.0.0.1 1", 5, "dgram"),
+    ("socket_type = stream\nprotocol = udp\nwait = no\nredirect = 127.0.0.1 1", 6, "udp"),
+    ("type = RPC\nsocket_type = stream\nwait = no\nredirect = 127.0.0.1 1", 5, "RPC"),
+    ("type = INTERNAL\nsocket_type = stream\nwait = no", 5, "INTERNAL"),
+    ("socket_type = stream\nwait = yes\nredirect = 127.0.0.1 1", 6, "wait = yes"),
+    ("socket_type = stream\nwait = no\nredirect = 127.0.0.1 1\naccess_times = 2:00-8:00", 8,
      "access_times"),
-    ("socket_type = stream\nwait = no\nredirect = 127.0.0.1 1\nflags = SENSOR", 7, "SENSOR"),
+    ("socket_type = stream\nwait = no\nredirect = 127.0.0.1 1\nflags = SENSOR", 8, "SENSOR"),
 ])
 def test_unsupported(body: str, line: int, words: str, tmp_path: Path) -> None:
     text = "# header\n" + service(body + "\nport = 4025\ntype += UNLISTED")
@@ -338,8 +342,8 @@ def test_skip_unsupported_logs(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_unknown_attribute() -> None:
     e = err(service(REDIRECT + "only_form = 127.0.0.1"))
-    assert (e.file, e.line, e.key) == ("test.conf", 8, "only_form")
-    assert "test.conf:8: only_form: unknown attribute" in str(e)
+    assert (e.file, e.line, e.key) == ("test.conf", 9, "only_form")
+    assert "test.conf:9: only_form: unknown attribute" in str(e)
 
 
 def test_missing_open_brace() -> None:
@@ -381,7 +385,7 @@ def test_redirect_errors() -> None:
 
 def test_trailing_hash_is_not_a_comment_as_in_xinetd() -> None:
     e = err(service(REDIRECT + "bind = 127.0.0.1 # loopback"))
-    assert e.line == 8 and "one value" in str(e)
+    assert e.line == 9 and "one value" in str(e)
 
 
 # --- include / includedir / directories -------------------------------------------------
@@ -406,7 +410,7 @@ def test_include_file_errors_name_the_included_file(tmp_path: Path) -> None:
     main = write(tmp_path, "main", f"# main\ninclude {inc}\n")
     with pytest.raises(ConfigError) as ei:
         xinetd.load(main)
-    assert (ei.value.file, ei.value.line) == (inc, 8)
+    assert (ei.value.file, ei.value.line) == (inc, 9)
 
 
 def test_include_loop_is_bounded(tmp_path: Path) -> None:
@@ -425,8 +429,8 @@ def test_unreadable(tmp_path: Path) -> None:
 
 
 def corpus() -> list[Path]:
-    return sorted(p for p in DATA.rglob("*") if p.is_file()) + [DATA, DATA / "conf.d",
-                                                                   DATA / "debian"]
+    return [*sorted(p for p in DATA.rglob("*") if p.is_file()), DATA, DATA / "conf.d",
+            DATA / "debian"]
 
 
 @pytest.mark.parametrize("path", corpus(), ids=lambda p: str(p.relative_to(DATA)) or ".")
