@@ -79,6 +79,7 @@ def _oneliner(args: list[str]) -> int:
     activated = system.activated_sockets()
     if ns.xinetd:
         path, skip = ns.xinetd, ns.skip_unsupported
+        logs.setup(ns.log_format or "auto", ns.log_level or "info")  # skipped services
         cfg = _load_xinetd(path, skip)
         reloader = lambda: _load_xinetd(path, skip)  # noqa: E731
     else:
