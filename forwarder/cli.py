@@ -161,6 +161,7 @@ def _run(cfg: Config, ns: argparse.Namespace, reloader: Callable[[], Config] | N
             address=":".join(map(str, s.getsockname()[:2])))
 
     socks = bind_all(cfg, activated)
+    system.log.debug("rlimit.nofile", soft=system.raise_nofile())
     loop_factory = _loop_factory()
     _preimport()
     try:

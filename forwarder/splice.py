@@ -112,8 +112,8 @@ class Poller:
 
 
 class _Direction:
-    __slots__ = ("dst", "dst_fd", "eof", "nbytes", "owner", "pipe_r", "pipe_w", "poller",
-                 "queued", "reading", "shut", "src", "src_fd", "writing")
+    __slots__ = ("dst", "dst_fd", "eof", "held", "nbytes", "owner", "pipe_r", "pipe_w",
+                 "poller", "queued", "reading", "shut", "src", "src_fd", "writing")
 
     def __init__(self, owner: PipeSplice, src: socket.socket, dst: socket.socket) -> None:
         self.owner = owner
@@ -122,6 +122,7 @@ class _Direction:
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         self.pipe_r = self.pipe_w = -1  # created on the first large read (see _on_readable)
         self.queued = 0  # bytes sitting in the pipe
+        self.held: memoryview | None = None  # a copy-mode remainder when no pipe could be had
         self.nbytes = 0
         self.eof = False
         self.shut = False
@@ -145,12 +146,18 @@ class _Direction:
             self.poller.remove_writer(self.dst_fd)
         self.writing = on
 
-    def _make_pipe(self) -> None:
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    def _make_pipe(self) -> bool:
+        """False when no pipe can be had (out of file descriptors): the direction then
+        stays in copy mode, slower but correct, instead of failing the session."""
+        try:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
         try:
             fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:  # over the per-user pipe budget: the default 64 KiB still works
             pass
+        return True
 
     def _copy(self) -> None:
         """Small exchanges (a greeting, a command) go through a plain recv/send: a pipe
@@ -177,12 +184,31 @@ class _Direction:
             self.owner.failed(e)
             return
         if sent < len(data) or len(data) == COPY_MAX:
-            self._make_pipe()
-            if sent < len(data):  # park the rest in the pipe: it holds far more than this
-                rest = memoryview(data)[sent:]
-                os.write(self.pipe_w, rest)
-                self.queued += len(rest)
-                self._flush()
+            if self._make_pipe():
+                if sent < len(data):  # park the rest in the pipe: it holds far more
+                    rest = memoryview(data)[sent:]
+                    os.write(self.pipe_w, rest)
+                    self.queued += len(rest)
+                    self._flush()
+            elif sent < len(data):  # hold the rest ourselves until the destination drains
+                self.held = memoryview(data)[sent:]
+                self._want_read(False)
+                self._want_write(True)
+
+    def _send_held(self) -> None:
+        assert self.held is not None
+        try:
+            n = self.dst.send(self.held)
+        except _AGAIN:
+            return
+        except OSError as e:
+            self.owner.failed(e)
+            return
+        self.held = self.held[n:] if n < len(self.held) else None
+        if self.held is None:
+            self._want_write(False)
+            if not self.eof:
+                self._want_read(True)
 
     def _on_readable(self) -> None:
         if self.pipe_w < 0:
@@ -205,7 +231,10 @@ class _Direction:
         self._flush()
 
     def _on_writable(self) -> None:
-        self._flush()
+        if self.held is not None:
+            self._send_held()
+        else:
+            self._flush()
 
     def _flush(self) -> None:
         while self.queued:
@@ -229,7 +258,7 @@ class _Direction:
                 self._finish_if_drained()
 
     def _finish_if_drained(self) -> None:
-        if self.eof and not self.queued and not self.shut:
+        if self.eof and not self.queued and self.held is None and not self.shut:
             self.shut = True
             try:
                 self.dst.shutdown(socket.SHUT_WR)  # half-close: pass the EOF on

@@ -6,10 +6,12 @@ Binding happens exactly once, before privileges are dropped; the gate later only
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import os
 import pwd
+import resource
 import socket
 import stat
 
@@ -80,6 +82,19 @@ def activated_sockets() -> list[socket.socket]:
         s.fd_name = names.split(":")[i] if names else ""
         socks.append(s)
     return socks
+
+
+def raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit: a relayed connection costs two fds (six
+    while a splice holds its pipes), and the default soft limit (1024) would cap us at a
+    few hundred sessions.  Returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def drop_privileges(user: str | None, group: str | None) -> tuple[int, int] | None:

@@ -231,6 +231,53 @@ def test_fd_exhaustion_pauses_accept_without_spinning() -> None:
             assert time.monotonic() < deadline, "no service after fds were freed"
 
 
+def test_out_of_fds_for_pipes_a_splice_copies_instead_and_delivers_every_byte() -> None:
+    """Sessions accepted while fds last, then a bulk transfer that wants a pipe pair it
+    cannot get: the relay falls back to copying, both ways intact."""
+    port = free_port()
+    limit = 64
+    with EchoBackend() as be, forwarder(
+            _tcp(port, be.port),
+            prefix=["prlimit", f"--nofile={limit}:{limit}"]) as fw:
+        wait_port("127.0.0.1", port, "open", 10)
+        held: list[socket.socket] = []
+        while fd_count(fw.pid) < limit - 1:  # leave fewer than a pipe pair needs
+            s = socket.socket()
+            if not held:  # the bulk session: a small receive buffer forces partial sends
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(2)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"hi")
+            s.settimeout(5)
+            try:
+                ok = s.recv(2) == b"hi"  # spliced: its two fds are taken
+            except OSError:
+                ok = False
+            if not ok:  # the last one found no fd for its backend socket
+                s.close()
+                break
+            held.append(s)
+        assert limit - fd_count(fw.pid) < 2
+        payload = os.urandom(4 << 20)
+        bulk = held[0]
+        got = bytearray()
+
+        def reader() -> None:
+            while chunk := bulk.recv(1 << 16):
+                got.extend(chunk)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        bulk.sendall(payload)
+        bulk.shutdown(socket.SHUT_WR)
+        t.join(30)
+        assert bytes(got) == payload
+        fw.read_events()
+        assert "Too many open files" not in fw.log_path.read_text()  # no failed callback
+        for s in held:
+            s.close()
+
+
 @pytest.mark.heavy
 def test_gate_flaps_under_traffic_lose_nothing() -> None:
     """Backend killed and restarted in a loop while clients keep coming: every accepted
