@@ -99,7 +99,8 @@ class Service:
         self.hostname = socket.getfqdn()
         self._events: asyncio.Queue[str] = asyncio.Queue()
         self.ready = asyncio.Event()
-        self.extras: list[Callable[[], Awaitable[None]]] = []  # async closers (admin, dns)
+        self.extras: list[Callable[[], Awaitable[None]]] = []  # async closers (admin)
+        self.discoveries: dict[str, Callable[[], Awaitable[None]]] = {}  # by listener
         self.exit_code = 0
 
     async def run(self) -> int:
@@ -131,13 +132,19 @@ class Service:
 
     async def _start_extras(self) -> None:
         """Admin endpoint and DNS discovery: each returns an async closer."""
-        from . import admin, discovery
+        from . import admin
 
         if self.cfg.admin is not None:
             self.extras.append(await admin.start(self.cfg.admin, self))
-        for lst in self.listeners.values():
-            if lst.cfg.discovery is not None:
-                self.extras.append(discovery.start(lst))
+        self._sync_discovery()
+
+    def _sync_discovery(self) -> None:
+        """One DNS discovery task per listener that asks for it (also after a reload)."""
+        from . import discovery
+
+        for name, lst in self.listeners.items():
+            if lst.cfg.discovery is not None and name not in self.discoveries:
+                self.discoveries[name] = discovery.start(lst)
 
     def stop(self) -> None:
         self._events.put_nowait("stop")
@@ -190,11 +197,21 @@ class Service:
             lst = self.listeners.pop(name)
             log.info("reload.listener_removed", listener=name)
             asyncio.get_running_loop().create_task(self._retire(lst))
+        for name in [n for n, lst in self.listeners.items() if lst.cfg.discovery is None]:
+            if name in self.discoveries:
+                await self.discoveries.pop(name)()
+                lst = self.listeners[name]
+                await lst.pool.update([], lst.cfg.probe, lst.cfg.send_proxy, source="dns")
+                log.info("dns.disabled", listener=name)
+        self._sync_discovery()
         self.cfg = replace(new, listeners=tuple(lst.cfg for lst in self.listeners.values()))
         log.info("reload.done", listeners=sorted(self.listeners))
         system.sd_notify("READY=1")
 
     async def _retire(self, lst: Listener) -> None:
+        stop_dns = self.discoveries.pop(lst.cfg.name, None)
+        if stop_dns is not None:
+            await stop_dns()
         await lst.stop(self.cfg.drain_timeout)
         for s in lst.gate.socks:
             s.close()
@@ -205,7 +222,7 @@ class Service:
                  active=sum(len(lst.splices) for lst in self.listeners.values()))
         cut = await asyncio.gather(*(lst.stop(self.cfg.drain_timeout)
                                      for lst in self.listeners.values()))
-        for closer in self.extras:
+        for closer in [*self.extras, *self.discoveries.values()]:
             await closer()
         for lst in self.listeners.values():
             for s in lst.gate.socks:

@@ -6,7 +6,8 @@ The zone is a dict the test changes while the server runs:
         dns.set("example.test", "MX", [(5, "mx1.example.test."), (10, "mx2.example.test.")],
                 ttl=1)
         dns.set("mx1.example.test", "A", ["127.0.0.11"])
-        dns.mode = "servfail"   # ok | servfail | nxdomain | timeout (drop) | garbage
+        dns.mode = "servfail"   # for every query; see MODES
+        dns.name_modes["mx2.example.test"] = "timeout"   # for one name only
 
 Built on dnspython's message parsing and rendering, so the answers are real DNS on the wire.
 """
@@ -31,7 +32,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-MODES = ("ok", "servfail", "nxdomain", "timeout", "garbage")
+# ok | servfail | nxdomain | timeout: no reply | garbage: random bytes back |
+# tcp_garbage: a valid truncated (TC) reply over UDP, random bytes over the TCP retry
+MODES = ("ok", "servfail", "nxdomain", "timeout", "garbage", "tcp_garbage")
 
 
 def _name(name: str) -> dns.name.Name:
@@ -54,6 +57,7 @@ class DnsServer:
         self._mode = "ok"
         self._zone: dict[tuple[dns.name.Name, dns.rdatatype.RdataType], dns.rrset.RRset] = {}
         self._lock = threading.Lock()
+        self.name_modes: dict[str, str] = {}  # "name" (no trailing dot) -> mode
         self.queries: Counter[str] = Counter()  # by "name TYPE", and "*" for every query
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -107,12 +111,18 @@ class DnsServer:
             for qq in q.question:
                 self.queries[f"{qq.name.to_text().lower()} "
                              f"{dns.rdatatype.to_text(qq.rdtype)}"] += 1
+                mode = self.name_modes.get(qq.name.to_text().lower().rstrip("."), mode)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "timeout":
             return None
-        if mode == "garbage":
+        if mode == "garbage" or (mode == "tcp_garbage" and tcp):
             return os.urandom(max(len(wire), 12))
         r = dns.message.make_response(q)
         r.flags |= dns.flags.AA
+        if mode == "tcp_garbage":
+            r.flags |= dns.flags.TC
+            return r.to_wire()
         if mode == "servfail":
             r.set_rcode(dns.rcode.SERVFAIL)
         elif mode == "nxdomain":
@@ -139,18 +149,22 @@ class DnsServer:
 
     def start(self) -> DnsServer:
         fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        udp = socket.socket(fam, socket.SOCK_DGRAM)
-        tcp = socket.socket(fam, socket.SOCK_STREAM)
-        try:
-            udp.bind((self.host, self.port))
-            self.port = udp.getsockname()[1]  # the TCP side takes the same port number
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            tcp.bind((self.host, self.port))
-            tcp.listen(64)
-        except OSError:
-            udp.close()
-            tcp.close()
-            raise
+        want = self.port
+        for attempt in range(20):  # port 0: a UDP port whose TCP twin is free too
+            udp = socket.socket(fam, socket.SOCK_DGRAM)
+            tcp = socket.socket(fam, socket.SOCK_STREAM)
+            try:
+                udp.bind((self.host, want))
+                self.port = udp.getsockname()[1]  # the TCP side takes the same number
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                tcp.bind((self.host, self.port))
+                tcp.listen(64)
+                break
+            except OSError:
+                udp.close()
+                tcp.close()
+                if want != 0 or attempt == 19:
+                    raise
         self._udp, self._tcp = udp, tcp
         t = threading.Thread(target=self._serve, name=f"dns {self.host}:{self.port}",
                              daemon=True)

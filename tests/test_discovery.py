@@ -8,7 +8,6 @@ discovery maps every MX host to `port`.  The static local backend is down and th
 from __future__ import annotations
 
 import json
-import random
 import re
 import smtplib
 import socket
@@ -19,12 +18,10 @@ from typing import Any
 
 import pytest
 
-from forwarder.config import ConfigError, parse_toml
 from forwarder.discovery import parse_nameserver
 
 from .dnsserver import DnsServer
 from .helpers import (
-    IS_ROOT,
     EchoBackend,
     Forwarder,
     SmtpBackend,
@@ -43,39 +40,11 @@ PEERS = {"mx1": "127.0.0.11", "mx2": "127.0.0.12", "mx3": "127.0.0.13"}
 # the DNS server and the config that points at it
 
 
-def _config_takes_ports() -> bool:
-    """Does config.py accept nameservers = ["ip:port"]?  Then the DNS server can use any
-    free port; otherwise it needs port 53 (and root) on a loopback address of its own."""
-    try:
-        parse_toml('[[listener]]\naddress = "127.0.0.1"\nport = 2525\n'
-                   '[listener.discovery]\nmx = "x.test"\nnameservers = ["127.0.0.1:5353"]\n')
-    except ConfigError:
-        return False
-    return True
-
-
 @pytest.fixture
 def dns_server() -> Iterator[tuple[DnsServer, str]]:
-    """(server, the `nameservers` entry that reaches it)."""
-    if _config_takes_ports():
-        with DnsServer("127.0.0.1") as s:
-            yield s, f"127.0.0.1:{s.port}"
-        return
-    if not IS_ROOT:
-        pytest.skip("config.py rejects nameservers \"ip:port\": the test DNS server needs "
-                    "port 53, i.e. root")
-    for _ in range(20):
-        host = f"127.0.53.{random.randint(2, 250)}"
-        try:
-            server = DnsServer(host, 53).start()
-        except OSError:
-            continue
-        try:
-            yield server, host
-        finally:
-            server.stop()
-        return
-    pytest.skip("no free loopback address for a DNS server on port 53")
+    """(server, the `nameservers` entry that reaches it: "IP:PORT", any free port)."""
+    with DnsServer("127.0.0.1") as s:
+        yield s, f"127.0.0.1:{s.port}"
 
 
 def peer_port(*hosts: str) -> int:
@@ -92,8 +61,8 @@ def peer_port(*hosts: str) -> int:
     raise AssertionError(f"no common free port on {hosts}")
 
 
-def fw_config(port: int, admin: int, ns: str, discovery: str, *, mode: str = "tcp",
-              extra: str = "") -> str:
+def fw_config(port: int, admin: int, ns: str, discovery: str, *, peers_port: int = 8025,
+              mode: str = "tcp", extra: str = "") -> str:
     down = free_port()  # the static local backend: nothing listens there
     return toml_listener(
         port, down, mode=mode, probe=mode, top=f'admin = "127.0.0.1:{admin}"',
@@ -101,6 +70,7 @@ def fw_config(port: int, admin: int, ns: str, discovery: str, *, mode: str = "tc
         probe_extra=f"""
 [listener.discovery]
 {discovery}
+port = {peers_port}
 nameservers = ["{ns}"]
 ttl_min = 0.5
 ttl_max = 30
@@ -208,12 +178,13 @@ def test_mx_peers_open_the_gate_and_follow_record_changes(
     bport = peer_port(*PEERS.values())
     mx1, mx2, mx3 = (SmtpBackend(bport, PEERS[h]) for h in ("mx1", "mx2", "mx3"))
     with mx1, mx2, mx3, forwarder(fw_config(port, admin, ns, f'mx = "{DOMAIN}"',
-                                            mode="smtp")) as fw:
+                                            peers_port=bport, mode="smtp")) as fw:
         a1, a2, a3 = (f"{PEERS[h]}:{bport}" for h in ("mx1", "mx2", "mx3"))
         ev = peers_event(fw, 0, {a1, a2}, 10)
         assert [(p["host"], p["priority"]) for p in ev["peers"]] == \
             [(f"mx1.{DOMAIN}", 105), (f"mx2.{DOMAIN}", 110)]
         wait_port("127.0.0.1", port, "open", 10)  # the local backend is down: DNS did this
+        wait_until(lambda: up(admin, {a1, a2}), 10, "both peers up")  # not just the first
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
             c.sendmail("a@example.org", ["b@example.test"], b"Subject: 1\r\n\r\nvia mx1\r\n")
         assert mx1.wait_messages(1)[0]["data"].endswith(b"via mx1\r\n")
@@ -262,6 +233,7 @@ def test_srv_maps_target_and_port(dns_server: tuple[DnsServer, str]) -> None:
         ev = peers_event(fw, 0, {a1, a2}, 10)
         assert [(p["backend"], p["priority"]) for p in ev["peers"]] == [(a1, 110), (a2, 120)]
         wait_port("127.0.0.1", port, "open", 10)
+        wait_until(lambda: up(admin, {a1, a2}), 10, "both targets up")
         assert greeting(port) == "a"
         # the better target moves to another port: the old endpoint goes, the new one is used
         b.stop()
@@ -281,7 +253,8 @@ FAULTS = [
     # (server mode or "noanswer": the records vanish, expected result label)
     ("servfail", "servfail"),
     ("timeout", "timeout"),
-    ("garbage", None),  # dnspython drops unparseable replies: a timeout, or a failure
+    ("garbage", None),  # dnspython drops unparseable UDP replies: a timeout, or a failure
+    ("tcp_garbage", "failed"),  # truncated over UDP, then garbage over TCP
     ("nxdomain", "nxdomain"),
     ("noanswer", "noanswer"),
 ]
@@ -296,7 +269,7 @@ def test_dns_faults_keep_the_last_good_peers(dns_server: tuple[DnsServer, str]) 
     bport = peer_port(PEERS["mx1"])
     a1 = f"{PEERS['mx1']}:{bport}"
     with EchoBackend(bport, PEERS["mx1"], greeting=b"mx1\n"), \
-            forwarder(fw_config(port, admin, ns, f'mx = "{DOMAIN}"')) as fw:
+            forwarder(fw_config(port, admin, ns, f'mx = "{DOMAIN}"', peers_port=bport)) as fw:
         peers_event(fw, 0, {a1}, 10)
         wait_port("127.0.0.1", port, "open", 10)
         assert greeting(port) == "mx1"
@@ -328,8 +301,31 @@ def test_dns_faults_keep_the_last_good_peers(dns_server: tuple[DnsServer, str]) 
             finally:
                 server.mode = "ok"
                 mx_zone(server, {"mx1": 5})
-            wait_until(lambda ok0=ok0: lookups(admin, "ok") > ok0, 10, f"recovery from {mode}")
+
+            def recovered(ok0: float = ok0) -> bool:
+                return lookups(admin, "ok") > ok0
+
+            wait_until(recovered, 10, f"recovery from {mode}")
         assert set(dns_backends(admin)) == {a1}
+
+        # one target's address lookup fails while the MX answer is fine: that target keeps
+        # its last good addresses ("partial"), the others are still followed
+        a2 = f"{PEERS['mx2']}:{bport}"
+        mark = fw.mark()
+        mx_zone(server, {"mx1": 5, "mx2": 10})
+        peers_event(fw, mark, {a1, a2}, 10)
+        mark = fw.mark()
+        partial0 = lookups(admin, "partial")
+        server.name_modes[f"mx1.{DOMAIN}"] = "servfail"
+        try:
+            wait_until(lambda: lookups(admin, "partial") >= partial0 + 2, 15,
+                       "two partial lookups")
+            assert set(dns_backends(admin)) == {a1, a2}
+            assert greeting(port) == "mx1"
+            server.set(DOMAIN, "MX", [(10, f"mx2.{DOMAIN}.")], ttl=1)  # mx1 leaves for real
+            peers_event(fw, mark, {a2}, 10)
+        finally:
+            server.name_modes.clear()
 
 
 def test_this_host_is_not_its_own_peer(dns_server: tuple[DnsServer, str]) -> None:
@@ -348,7 +344,7 @@ def test_this_host_is_not_its_own_peer(dns_server: tuple[DnsServer, str]) -> Non
     with EchoBackend(bport, PEERS["mx2"], greeting=b"mx2\n"), \
             EchoBackend(bport, "127.0.0.21", greeting=b"me\n"), \
             EchoBackend(bport, "127.0.0.22", greeting=b"self\n"), \
-            forwarder(fw_config(port, admin, ns, disc,
+            forwarder(fw_config(port, admin, ns, disc, peers_port=bport,
                                 extra=f'hostname = "fwd.{DOMAIN}"')) as fw:
         a2 = f"{PEERS['mx2']}:{bport}"
         ev = peers_event(fw, 0, {a2}, 10)
@@ -357,3 +353,30 @@ def test_this_host_is_not_its_own_peer(dns_server: tuple[DnsServer, str]) -> Non
         assert greeting(port) == "mx2"
         assert set(dns_backends(admin)) == {a2}
         assert dns_peers_gauge(admin) == 1
+
+
+def test_reload_adds_and_removes_discovery(dns_server: tuple[DnsServer, str]) -> None:
+    """SIGHUP with a [listener.discovery] table starts discovery without a restart; one
+    without it removes the DNS peers again (the gate closes: only a dead local is left)."""
+    import signal
+
+    server, ns = dns_server
+    mx_zone(server, {"mx1": 5})
+    port, admin = free_port(), free_port()
+    bport = peer_port(PEERS["mx1"])
+    with_dns = fw_config(port, admin, ns, f'mx = "{DOMAIN}"', peers_port=bport)
+    without = with_dns[:with_dns.index("[listener.discovery]")]
+    with EchoBackend(bport, PEERS["mx1"]), forwarder(without) as fw:
+        fw.wait_event("probe.failed")
+        assert not dns_backends(admin)
+        fw.config_path.write_text(with_dns)
+        mark = fw.mark()
+        fw.signal(signal.SIGHUP)
+        peers_event(fw, mark, {f"{PEERS['mx1']}:{bport}"}, 10)
+        wait_port("127.0.0.1", port, "open", 10)
+        fw.config_path.write_text(without)
+        mark = fw.mark()
+        fw.signal(signal.SIGHUP)
+        fw.wait_event("reload.done", since=mark)
+        wait_until(lambda: not dns_backends(admin), 10, "DNS peers removed")
+        wait_port("127.0.0.1", port, "refused", 10)
