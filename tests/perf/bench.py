@@ -14,7 +14,8 @@ Workloads, interleaved (for each workload, every row in turn, `reps` times; medi
 - bulk: iperf3 through the row to an iperf3 server, 1 and 8 streams (Gbit/s), and the row's
   CPU seconds per GB moved (utime+stime of its process tree, reaped children included via
   cutime/cstime: best effort for the forking rows);
-- rr: round trips of 64-byte lines over one connection (p50/p99, µs added over `direct`);
+- rr: round trips of 64-byte lines over one connection (p50/p99, µs added over a `direct`
+  run made just before, paired because the machine drifts);
 - churn: sessions/s of 20 concurrent clients (connect, 220, QUIT, 221, close);
 - mem: VmRSS of the idle row, then KB per idle connection (PSS of the process tree) with N
   connections open through it (fork-per-connection rows get fewer, see `fork_idle_conns`).
@@ -71,7 +72,7 @@ class Mode:
 
 MODES = {
     "smoke": Mode("smoke", 1, 1, 0.5, 2000, 200, 50),
-    "quick": Mode("quick", 1, 1, 2.0, 5000, 1000, 200),
+    "quick": Mode("quick", 1, 1, 2.0, 20000, 1000, 200),
     "full": Mode("full", 3, 3, 5.0, 20000, 10000, 500),
 }
 
@@ -194,7 +195,8 @@ def proc_tree(pid: int) -> list[int]:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
+    out: list[int] = []
+    todo = [pid]
     while todo and len(out) < 100_000:
         p = todo.pop()
         out.append(p)
@@ -272,10 +274,15 @@ def missing_reason(name: str) -> str | None:
     return None
 
 
-def haproxy_cfg(listen: int, backend: int, tuned: bool) -> str:
-    # haproxy wants 2 fds per connection and refuses to start when the limit is too low
+def haproxy_maxconn() -> int:
+    """haproxy wants 2 fds per connection plus a pipe (2 fds) per 4 connections for splicing,
+    and refuses to start when RLIMIT_NOFILE (which it cannot always raise) is too low."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    maxconn = 30000 if soft == resource.RLIM_INFINITY else max(100, (soft - 500) // 2)
+    return 30000 if soft == resource.RLIM_INFINITY else max(100, (soft - 1000) * 2 // 5)
+
+
+def haproxy_cfg(listen: int, backend: int, tuned: bool) -> str:
+    maxconn = haproxy_maxconn()
     glob = "    tune.bufsize 262144\n" if tuned else ""
     opts = "    option splice-auto\n" if tuned else ""
     return (f"global\n    maxconn {maxconn}\n{glob}"
@@ -519,12 +526,26 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                     if r.proc is not None:
                         res.add(r.name, "idle_rss_mb", vmrss_kb(r.proc.pid) / 1024)
                 if "rr" in rest:
+                    direct = next((r for r in rows if r.name == "direct"), None)
+
+                    def rr_once(r: Row) -> dict[str, float] | None:
+                        return run_load(load, ["rr", HOST, str(r.port), str(mode.rr_count)],
+                                        timeout=60)
+
                     def rr(r: Row) -> None:
-                        out = run_load(load, ["rr", HOST, str(r.port), str(mode.rr_count)],
-                                       timeout=60)
-                        if out:
-                            res.add(r.name, "rr_p50", out["p50_us"])
-                            res.add(r.name, "rr_p99", out["p99_us"])
+                        # paired with a direct run just before it: the machine drifts
+                        base = rr_once(direct) if direct is not None and r is not direct else None
+                        out = rr_once(r)
+                        if not out:
+                            return
+                        res.add(r.name, "rr_p50", out["p50_us"])
+                        res.add(r.name, "rr_p99", out["p99_us"])
+                        if r is direct:
+                            res.add(r.name, "rr_p50_added", 0.0)
+                            res.add(r.name, "rr_p99_added", 0.0)
+                        elif base:
+                            res.add(r.name, "rr_p50_added", out["p50_us"] - base["p50_us"])
+                            res.add(r.name, "rr_p99_added", out["p99_us"] - base["p99_us"])
                     interleave(rows, mode.reps, "rr", rr)
                 if "churn" in rest:
                     def churn(r: Row) -> None:
@@ -538,13 +559,19 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                 if "mem" in rest:
                     want = idle_n if idle_n is not None else mode.idle_conns
                     cap = max(1, (nofile - 500) // 2)  # a proxy holds 2 fds per connection
-                    if want > cap:
-                        res.notes.append(f"idle connections capped at {cap} (not {want}): "
-                                         f"RLIMIT_NOFILE is {nofile}")
+                    hcap = min(cap, haproxy_maxconn() - 100)
+                    has_haproxy = any(r.name.startswith("haproxy") for r in rows)
+                    if want > cap or (has_haproxy and want > hcap):
+                        res.notes.append(
+                            f"idle connections capped at {cap}"
+                            f"{f' (haproxy rows: {hcap})' if has_haproxy else ''} instead of "
+                            f"{want}: RLIMIT_NOFILE is {nofile} and cannot be raised here")
                     def mem(r: Row) -> None:
                         if r.proc is None:
                             return
                         n = min(mode.fork_idle_conns if r.name in FORKING else want, cap)
+                        if r.name.startswith("haproxy"):
+                            n = min(n, haproxy_maxconn() - 100)
                         out = idle_conns(r, n)
                         if out:
                             res.add(r.name, "kb_per_conn", out[1])
@@ -553,27 +580,21 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
     finally:
         be.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    # latency added over direct (paired medians)
     d50, d99 = res.median("direct", "rr_p50"), res.median("direct", "rr_p99")
-    for r in res.rows:
-        p50, p99 = res.median(r, "rr_p50"), res.median(r, "rr_p99")
-        if d50 is not None and p50 is not None:
-            res.add(r, "rr_p50_added", p50 - d50)
-        if d99 is not None and p99 is not None:
-            res.add(r, "rr_p99_added", p99 - d99)
     if d50 is not None:
         res.notes.append(f"direct round trip: p50 {d50:.1f} µs, p99 {d99 or 0:.1f} µs "
-                         "(rr columns are µs added over that)")
-    conns = {r: res.median(r, "idle_conns") for r in res.rows}
+                         "(rr columns: µs added over a direct run made just before each row's run)")
+    conns = {name: res.median(name, "idle_conns") for name in res.rows}
     counts = sorted({int(v) for v in conns.values() if v})
     if counts:
         res.notes.append("KB per idle conn: PSS of the process tree added per connection, "
                          f"measured at {'/'.join(str(c) for c in counts)} connections "
                          f"({', '.join(sorted(FORKING))} fork a process per connection and "
-                         "get fewer)")
-    res.notes.append("CPU s/GB: utime+stime of the row's process tree over the iperf3 runs; "
-                     "forked children are counted via cutime/cstime and tree sampling "
-                     "(best effort)")
+                         "get fewer); kernel socket buffers are not included")
+    if "bulk" in workloads:
+        res.notes.append("CPU s/GB: utime+stime of the row's process tree over the iperf3 runs; "
+                         "forked children are counted via cutime/cstime and tree sampling "
+                         "(best effort)")
     return res
 
 
@@ -586,7 +607,7 @@ def fmt(v: float | None, dec: int) -> str:
 def tables(res: Results, markdown: bool) -> str:
     head = ["row", *[c[1] for c in COLUMNS]]
     body = [[r, *[fmt(res.median(r, k), d) for k, _, d in COLUMNS]] for r in res.rows]
-    refs = [ref for ref in ("haproxy", "haproxy-tuned") if ref in res.rows]
+    refs: list[str] = [ref for ref in ("haproxy", "haproxy-tuned") if ref in res.rows]
     ratio_head = ["row"]
     ratio_cols: list[tuple[str, str]] = []
     for k, title, _ in COLUMNS:
