@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,11 +28,23 @@ log = structlog.get_logger("forwarder.backends")
 HISTORY = 20
 
 
+def numeric_sockaddr(ep: Endpoint) -> tuple[socket.AddressFamily, tuple[Any, ...]] | None:
+    """(family, sockaddr) for an address literal, computed once instead of a getaddrinfo
+    per connection."""
+    try:
+        infos = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+    except socket.gaierror:
+        return None
+    return infos[0][0], infos[0][4]
+
+
 class Backend:
     def __init__(self, cfg: BackendConfig, probe_cfg: ProbeConfig, on_change: Callable[[], None],
                  send_proxy: str | None = None, source: str = "static") -> None:
         self.cfg = cfg
         self.endpoint: Endpoint = cfg.endpoint
+        self.sockaddr = numeric_sockaddr(cfg.endpoint)  # None: a name, resolved per connect
         self.name = cfg.name
         self.probe_cfg = probe_cfg
         self.send_proxy = send_proxy

@@ -21,10 +21,11 @@ from .access import Access
 from .backends import Backend, Pool
 from .config import ListenerConfig
 from .gate import Address, Gate
+from .handoff import Handoff
 from .logs import Sampler
 from .metrics import ListenerMetrics
 from .relay import Splice
-from .splice import PipeSplice, Poller, poll_connect, poll_readable
+from .splice import COPY_MAX, PipeSplice, Poller, poll_connect, poll_readable
 from .splice import available as splice_available
 
 log = structlog.get_logger("forwarder.listener")
@@ -61,6 +62,8 @@ class Listener:
         self.access = Access(cfg.access, self.loop.time, self.gate.hold_closed)
         self.splices: set[Splice | PipeSplice] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.handoffs: set[Handoff] = set()  # callback-driven hand-offs (splice path)
+        self.poller = Poller.for_loop(self.loop)
         self._sampler = Sampler(per_second=20)
         self._sweeper: asyncio.Task[None] | None = None
         self.pool.subscribe(self._health_changed)
@@ -74,8 +77,6 @@ class Listener:
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.use_splice:
-            Poller.for_loop(self.loop)  # now, not mid-traffic: fd counts stay flat
         self.pool.start()
         self._sweeper = self.loop.create_task(self._sweep_idle(), name=f"idle {self.cfg.name}")
 
@@ -106,13 +107,15 @@ class Listener:
         if self._sweeper:
             self._sweeper.cancel()
         deadline = self.loop.time() + timeout
-        while (self.splices or self.tasks) and self.loop.time() < deadline:
+        while (self.splices or self.tasks or self.handoffs) and self.loop.time() < deadline:
             waiters = [t for t in self.tasks if not t.done()]
             await asyncio.wait(waiters or [self.loop.create_task(asyncio.sleep(0.05))],
                                timeout=min(0.05, max(0.0, deadline - self.loop.time())))
         cut = len(self.splices)
         for s in list(self.splices):
             s.abort("error")
+        for h in list(self.handoffs):
+            h.abort()
         for t in list(self.tasks):
             t.cancel()
         await self.pool.stop()
@@ -135,9 +138,24 @@ class Listener:
                     conn.shutdown(socket.SHUT_WR)
             conn.close()
             return
+        if self.use_splice:
+            cands = self.pool.candidates()
+            if all(b.sockaddr is not None for b in cands):
+                Handoff(self, conn, addr, cands).start()
+                return
         t = self.loop.create_task(self._serve(conn, addr))
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
+
+    def refuse_later(self, conn: socket.socket, addr: Address, outcome: str) -> None:
+        """For the hand-off: the 421 path waits for the client's FIN, so it is a task."""
+        t = self.loop.create_task(self._refuse(conn, addr, outcome))
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    def release(self, addr: Address) -> None:
+        if not self.access.trivial:
+            self.access.release(addr[0])
 
     async def _serve(self, conn: socket.socket, addr: Address) -> None:
         cfg = self.cfg
@@ -146,9 +164,11 @@ class Listener:
         try:
             for b in self.pool.candidates():
                 tried += 1
+                greeting = b""
                 if self.use_splice:
-                    bsock = await self._attempt_raw(b, conn)
-                    if bsock is not None:
+                    got = await self._attempt_raw(b, conn)
+                    if got is not None:
+                        bsock, greeting = got
                         splice = PipeSplice(self.loop, conn, bsock, self._finished, (addr, b))
                 else:
                     splice = await self._attempt(b, conn, addr)
@@ -162,7 +182,7 @@ class Listener:
             self.splices.add(splice)
             self.metrics.active.inc()
             if isinstance(splice, PipeSplice):
-                splice.start()
+                splice.start(greeting)
             else:
                 sp = splice
                 await self.loop.connect_accepted_socket(lambda: sp.client, conn)
@@ -209,7 +229,8 @@ class Listener:
                 return None
         return splice
 
-    async def _attempt_raw(self, b: Backend, conn: socket.socket) -> socket.socket | None:
+    async def _attempt_raw(self, b: Backend,
+                           conn: socket.socket) -> tuple[socket.socket, bytes] | None:
         """The same as _attempt, for the os.splice relay: a plain connected socket.
 
         Waits go through the splice Poller, not loop.sock_connect()/add_reader(): uvloop
@@ -227,18 +248,19 @@ class Listener:
         bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if cfg.send_proxy:
             bs.send(proxy_protocol.header_for_socket(cfg.send_proxy, conn))
-        if cfg.mode == "smtp":
+        greeting = b""
+        if cfg.mode == "smtp":  # read here, not peeked: see Handoff._greeted
             ok = await poll_readable(self.loop, bs, cfg.greeting_timeout)
             try:
-                ok = ok and bs.recv(1, socket.MSG_PEEK) != b""
+                greeting = bs.recv(COPY_MAX) if ok else b""
             except OSError:
-                ok = False
-            if not ok:
+                greeting = b""
+            if not greeting:
                 bs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
                 bs.close()
                 b.passive_failure("greeting", "no greeting before close/timeout")
                 return None
-        return bs
+        return bs, greeting
 
     async def _within(self, fut: asyncio.Future[bool], timeout: float) -> bool:
         """fut's result, or False after `timeout`.  A timer instead of wait_for, which
@@ -328,6 +350,6 @@ class Listener:
                      "reason": self.gate.reason, "drained": self.gate.drained,
                      "policy": self.cfg.gate, "holds": sorted(self.gate.holds)},
             "connections_active": len(self.splices),
-            "connections_pending": len(self.tasks),
+            "connections_pending": len(self.tasks) + len(self.handoffs),
             "backends": [b.status() for b in self.pool.backends],
         }

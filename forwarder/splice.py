@@ -99,6 +99,28 @@ class Poller:
         if self.writers.pop(fd, None) is not None:
             self._update(fd)
 
+    # Cheaper transitions for the hand-off (each epoll_ctl is a syscall per connection):
+
+    def swap_to_reader(self, fd: int, cb: Callback) -> None:
+        """Writable-wait becomes readable-wait with one epoll_ctl."""
+        self.writers.pop(fd, None)
+        self.readers[fd] = cb
+        self._update(fd)
+
+    def drop_writer(self, fd: int) -> None:
+        """No callback any more, but the kernel registration stays until the caller's
+        next add_reader turns it into a read registration (one epoll_ctl, not two)."""
+        self.writers.pop(fd, None)
+
+    def drop_reader(self, fd: int) -> None:
+        self.readers.pop(fd, None)
+
+    def forget(self, fd: int) -> None:
+        """The caller closes fd next, which removes it from the epoll set: no epoll_ctl."""
+        self.readers.pop(fd, None)
+        self.writers.pop(fd, None)
+        self.masks.pop(fd, None)
+
     def _ready(self) -> None:
         for fd, ev in self.ep.poll(0, 512):
             if ev & _IN:
@@ -112,11 +134,12 @@ class Poller:
 
 
 class _Direction:
-    __slots__ = ("dst", "dst_fd", "eof", "held", "nbytes", "owner", "pipe_r", "pipe_w",
-                 "poller", "queued", "reading", "shut", "src", "src_fd", "writing")
+    __slots__ = ("dst", "dst_fd", "eof", "held", "nbytes", "owner", "peer", "pipe_r",
+                 "pipe_w", "poller", "queued", "reading", "shut", "src", "src_fd", "writing")
 
     def __init__(self, owner: PipeSplice, src: socket.socket, dst: socket.socket) -> None:
         self.owner = owner
+        self.peer: _Direction = self  # the other direction, set by PipeSplice
         self.poller = owner.poller
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
@@ -131,6 +154,24 @@ class _Direction:
 
     def start(self) -> None:
         self._want_read(True)
+
+    def push(self, data: bytes) -> None:
+        """Start with `data` already read from src: sent now, any rest held until dst
+        can take it (then reading starts)."""
+        self.nbytes += len(data)
+        try:
+            sent = self.dst.send(data)
+        except _AGAIN:
+            sent = 0
+        except OSError as e:
+            self.owner.failed(e)
+            return
+        if sent == len(data):
+            self._want_read(True)
+        else:
+            self.held = memoryview(data)[sent:]
+            self.poller._update(self.src_fd)  # not read until the rest is out
+            self._want_write(True)
 
     def _want_read(self, on: bool) -> None:
         if on and not self.reading:
@@ -171,9 +212,7 @@ class _Direction:
             self.owner.failed(e)
             return
         if not data:
-            self.eof = True
-            self._want_read(False)
-            self._finish_if_drained()
+            self._at_eof()
             return
         self.nbytes += len(data)
         try:
@@ -222,9 +261,7 @@ class _Direction:
             self.owner.failed(e)
             return
         if n == 0:
-            self.eof = True
-            self._want_read(False)
-            self._finish_if_drained()
+            self._at_eof()
             return
         self.nbytes += n
         self.queued += n
@@ -257,6 +294,17 @@ class _Direction:
             else:
                 self._finish_if_drained()
 
+    def _at_eof(self) -> None:
+        self.eof = True
+        if self.peer.shut and not self.queued and self.held is None:
+            # the last direction, all passed on: closing both sockets sends our FIN and
+            # drops them from the epoll set, no shutdown() and no epoll_ctl needed
+            self.shut = True
+            self.owner.check_done()
+            return
+        self._want_read(False)
+        self._finish_if_drained()
+
     def _finish_if_drained(self) -> None:
         if self.eof and not self.queued and self.held is None and not self.shut:
             self.shut = True
@@ -266,9 +314,7 @@ class _Direction:
                 pass
             self.owner.check_done()
 
-    def stop(self) -> None:
-        self._want_read(False)
-        self._want_write(False)
+    def close_pipes(self) -> None:
         for fd in (self.pipe_r, self.pipe_w):
             if fd >= 0:
                 try:
@@ -293,18 +339,21 @@ class PipeSplice:
         self.done = False
         self.outcome = "spliced"
         self.started = 0.0
-        client.setblocking(False)
-        backend.setblocking(False)
+        if client.getblocking():  # no syscall when the hand-off made it non-blocking
+            client.setblocking(False)
+        if backend.getblocking():
+            backend.setblocking(False)
         self.up = _Direction(self, client, backend)
-        try:
-            self.down = _Direction(self, backend, client)
-        except OSError:
-            self.up.stop()
-            raise
+        self.down = _Direction(self, backend, client)
+        self.up.peer, self.down.peer = self.down, self.up
 
-    def start(self) -> None:
+    def start(self, greeting: bytes = b"") -> None:
+        """`greeting`: bytes already read from the backend, for the client first."""
         self.up.start()
-        self.down.start()
+        if greeting:
+            self.down.push(greeting)
+        else:
+            self.down.start()
 
     @property
     def bytes_up(self) -> int:
@@ -336,8 +385,11 @@ class PipeSplice:
         if self.done:
             return
         self.done = True
-        self.up.stop()
-        self.down.stop()
+        p = self.poller
+        for s in (self.client, self.backend):
+            p.forget(s.fileno())  # closed below, which removes them from the epoll set
+        self.up.close_pipes()
+        self.down.close_pipes()
         for s in (self.client, self.backend):
             if reset:
                 try:

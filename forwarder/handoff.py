@@ -1,0 +1,172 @@
+"""The hand-off from an accepted client to a backend on the os.splice path, driven by
+callbacks: connect, (smtp mode) wait for the greeting, then a PipeSplice.
+
+Why not a coroutine: at thousands of sessions a second, a Task per connection (creation,
+and a wake-up through call_soon after every await) was a measurable share of the cost of a
+short session; here the poller calls straight into the next step.  The rules are those of
+`Listener._serve`: the best live backend first, the next one when a connect fails or a
+backend stays silent or closes before its first byte (nothing has reached the client yet),
+and a 421 (smtp) or a close (tcp) only when none is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from . import proxy_protocol
+from .splice import COPY_MAX, PipeSplice
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .backends import Backend
+    from .gate import Address
+    from .listener import Listener
+
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+class Handoff:
+    __slots__ = ("addr", "backend", "bs", "conn", "lst", "t0", "timer", "todo", "tried")
+
+    def __init__(self, lst: Listener, conn: socket.socket, addr: Address,
+                 candidates: list[Backend]) -> None:
+        self.lst = lst
+        self.conn = conn
+        self.addr = addr
+        self.todo = candidates
+        self.tried = 0
+        self.backend: Backend | None = None
+        self.bs: socket.socket | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        self.lst.handoffs.add(self)
+        self._next()
+
+    # --- steps ----------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        while self.todo:
+            b = self.todo.pop(0)
+            self.tried += 1
+            if self._connect(b):
+                return  # waiting for the poller
+        self.lst.handoffs.discard(self)
+        self.lst.refuse_later(self.conn, self.addr,
+                              "backend_failed_421" if self.tried else "no_backend_421")
+
+    def _connect(self, b: Backend) -> bool:
+        sa = b.sockaddr
+        assert sa is not None
+        try:
+            bs = socket.socket(sa[0], socket.SOCK_STREAM)
+        except OSError as e:  # out of fds: this backend is fine, we are not
+            b.passive_failure("connect", e.strerror or str(e))
+            return False
+        bs.setblocking(False)
+        err = bs.connect_ex(sa[1])
+        if err and err != errno.EINPROGRESS:
+            bs.close()
+            b.passive_failure("connect", os.strerror(err))
+            return False
+        lst = self.lst
+        self.backend, self.bs, self.t0 = b, bs, lst.loop.time()
+        self.timer = lst.loop.call_later(lst.cfg.connect_timeout, self._expired, "connect")
+        lst.poller.add_writer(bs.fileno(), self._connected)
+        return True
+
+    def _connected(self) -> None:
+        bs, b, lst = self.bs, self.backend, self.lst
+        assert bs is not None and b is not None and self.timer is not None
+        err = bs.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._failed("connect", os.strerror(err))
+            return
+        try:
+            bs.getpeername()
+        except OSError:  # a stale event for an earlier socket with this fd number: wait
+            return
+        self.timer.cancel()
+        b.metrics.connect.observe(lst.loop.time() - self.t0)
+        fd = bs.fileno()
+        cfg = lst.cfg
+        try:
+            if cfg.nodelay:
+                bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if cfg.send_proxy:
+                bs.send(proxy_protocol.header_for_socket(cfg.send_proxy, self.conn))
+        except OSError as e:
+            self._failed("connect", e.strerror or str(e))
+            return
+        if cfg.mode == "smtp":
+            # one epoll_ctl: the registration turns from "writable" to "readable"
+            lst.poller.swap_to_reader(fd, self._greeted)
+            self.timer = lst.loop.call_later(cfg.greeting_timeout, self._expired, "greeting")
+            return
+        lst.poller.drop_writer(fd)  # PipeSplice.start re-arms the fd: one epoll_ctl
+        self._splice()
+
+    def _greeted(self) -> None:
+        """The greeting is read here and passed to the client before the splice starts: a
+        backend that resets right after greeting would otherwise destroy the unread
+        greeting in our receive queue, and the client would see a reset before any reply
+        (the no-silent-drop rule wants a 421 or a next backend then)."""
+        bs = self.bs
+        assert bs is not None and self.timer is not None
+        try:
+            greeting = bs.recv(COPY_MAX)
+        except (BlockingIOError, InterruptedError):
+            return  # a stale event (see _connected): keep waiting
+        except OSError:
+            greeting = b""
+        if not greeting:
+            self._failed("greeting", "closed or reset before a greeting")
+            return
+        self.timer.cancel()
+        self.lst.poller.drop_reader(bs.fileno())  # re-armed as it is by PipeSplice.start
+        self._splice(greeting)
+
+    def _expired(self, step: str) -> None:
+        self._failed(step, "timeout" if step == "connect" else "no greeting before timeout")
+
+    def _failed(self, step: str, detail: str) -> None:
+        bs, b = self.bs, self.backend
+        assert bs is not None and b is not None
+        if self.timer is not None:
+            self.timer.cancel()
+        self.lst.poller.forget(bs.fileno())  # closing the socket removes it from epoll
+        if step == "greeting":
+            bs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        bs.close()
+        self.bs = None
+        b.passive_failure(step, detail)
+        self._next()
+
+    def _splice(self, greeting: bytes = b"") -> None:
+        lst, bs, b = self.lst, self.bs, self.backend
+        assert bs is not None and b is not None
+        lst.handoffs.discard(self)
+        sp = PipeSplice(lst.loop, self.conn, bs, lst._finished, (self.addr, b))
+        sp.started = time.monotonic()
+        lst.splices.add(sp)
+        lst.metrics.active.inc()
+        sp.start(greeting)
+
+    def abort(self) -> None:
+        """At shutdown, or when no splice could be set up: both sockets closed."""
+        self.lst.handoffs.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.bs is not None:
+            self.lst.poller.forget(self.bs.fileno())
+            self.bs.close()
+            self.bs = None
+        self.conn.close()
+        self.lst.release(self.addr)
