@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import os
 import signal
 import socket
 import threading
 import time
+import urllib.request
+from typing import Any
 
 from .helpers import (
     EchoBackend,
@@ -17,6 +21,7 @@ from .helpers import (
     free_port,
     toml_listener,
     wait_port,
+    wait_until,
 )
 
 
@@ -107,10 +112,11 @@ def test_sighup_with_bad_config_keeps_running(tmp_path: object) -> None:
 def test_sighup_under_traffic_keeps_200_splices_and_the_bound_socket() -> None:
     """A reload that changes probe interval, limits and adds a backend: 200 live splices
     carry on intact, and a client connecting in a loop throughout is never refused."""
-    port = free_port()
+    port, admin = free_port(), free_port()
     n = 200
+    top = f'admin = "127.0.0.1:{admin}"'
     with EchoBackend() as be, EchoBackend() as extra, \
-            forwarder(toml_listener(port, be.port, mode="tcp", probe="tcp")) as fw:
+            forwarder(toml_listener(port, be.port, mode="tcp", probe="tcp", top=top)) as fw:
         wait_port("127.0.0.1", port, "open", 10)
         conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
         for i, c in enumerate(conns):
@@ -130,7 +136,7 @@ def test_sighup_under_traffic_keeps_200_splices_and_the_bound_socket() -> None:
         t.start()
         try:
             fw.config_path.write_text(toml_listener(
-                port, be.port, mode="tcp", probe="tcp", interval=0.5,
+                port, be.port, mode="tcp", probe="tcp", interval=0.5, top=top,
                 extra=f'[[listener.backends]]\naddress = "127.0.0.1:{extra.port}"\npriority = 1\n'
                       '[listener.access]\nper_source = 1000\n').replace(
                 f'backend = "127.0.0.1:{be.port}"',
@@ -144,6 +150,14 @@ def test_sighup_under_traffic_keeps_200_splices_and_the_bound_socket() -> None:
             stop.set()
             t.join(35)
         assert refused == 0
+        # the new interval is in effect: reported, and the probes now run 0.5 s apart
+        local = _status(admin)["listeners"][0]["backends"][0]
+        assert local["probe"]["interval"] == 0.5
+        first = local["history"][0]["at"]
+        wait_until(lambda: _probe_times(admin, first) >= 3, 10, "three more probes")
+        times = [h["at"] for h in _status(admin)["listeners"][0]["backends"][0]["history"]]
+        gaps = [a - b for a, b in itertools.pairwise(times)][:2]
+        assert all(0.4 <= g <= 1.0 for g in gaps), gaps
         payload = os.urandom(20_000)
         for c in conns:
             c.sendall(payload)
@@ -154,3 +168,13 @@ def test_sighup_under_traffic_keeps_200_splices_and_the_bound_socket() -> None:
                 got += chunk
             c.close()
             assert got == payload
+
+
+def _status(admin: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=5) as r:
+        return dict(json.load(r))
+
+
+def _probe_times(admin: int, after: float) -> int:
+    hist = _status(admin)["listeners"][0]["backends"][0]["history"]
+    return sum(1 for h in hist if h["at"] > after)

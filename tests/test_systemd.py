@@ -4,6 +4,7 @@ CAP_NET_BIND_SERVICE as nobody, sd_notify, and a restart that refuses no SYN."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from .conftest import need_root, need_tool
@@ -80,13 +82,37 @@ def test_systemd_socket_activate_passes_the_socket_and_the_gate_toggles(tmp_path
         fw.read_events()
         assert any(e["event"] == "activation.socket" for e in fw.events)
     finally:
+        # under strace the forwarder is strace's child (socket-activate execs it): stopping
+        # strace alone would detach and leave it running
+        assert fw.proc is not None
+        kids = [int(p) for p in _children(fw.proc.pid)] if strace else []
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         fw.stop()
+        for pid in kids:
+            wait_until(partial(_gone, pid), 15, f"forwarder {pid} gone")
     if strace:
         lines = trace.read_text().splitlines()
         exec_at = next(i for i, line in enumerate(lines) if "execve(" in line
                        and "forwarder" in line and "socket-activate" not in line)
         binds = [line for line in lines[exec_at:] if "bind(" in line and f"htons({port})" in line]
         assert not binds, binds  # the forwarder never bound the port itself
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: whoever inherits it reaps it, or nobody does here)."""
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
 
 
 def _launch_with_fd(sock: socket.socket, args: list[str], log: Path,

@@ -104,6 +104,7 @@ class MailNet:
         self.snd, self.mx1, self.mx2 = nss["snd"], nss["mx1"], nss["mx2"]
         self.work = work
         self.procs: list[Proc] = []
+        self.fws: list[Forwarder] = []
         self.boxes = {"mx1": work / "mx1-maildir", "mx2": work / "mx2-maildir"}
         self.cf = work / "sendmail.cf"
         self.n = 0
@@ -172,6 +173,7 @@ interval = {interval}
 timeout = 1.0
 """
         fw = Forwarder(cfg, prefix=ns.exec())
+        self.fws.append(fw)  # stopped by stop_all even when the test fails
         fw.start()
         return fw
 
@@ -223,6 +225,9 @@ timeout = 1.0
         return took, ",".join(where) or "nowhere (queued)", queued, r.stdout + r.stderr
 
     def stop_all(self) -> None:
+        for fw in self.fws:
+            fw.stop()
+        self.fws.clear()
         for p in reversed(self.procs):
             p.stop()
         self.procs.clear()

@@ -17,6 +17,9 @@ Workloads, interleaved (for each workload, every row in turn, `reps` times; medi
 - rr: round trips of 64-byte lines over one connection (p50/p99, µs added over a `direct`
   run made just before, paired because the machine drifts);
 - churn: sessions/s of 20 concurrent clients (connect, 220, QUIT, 221, close);
+- smtp: messages/s from Postfix's smtp-source (20 sessions, 2 kB messages) through the row
+  to Postfix's smtp-sink; both taken from Debian's postfix package with `apt-get download`
+  and `dpkg -x` into tests/perf/.build/postfix (postfix itself would conflict with sendmail);
 - mem: VmRSS of the idle row, then KB per idle connection (PSS of the process tree) with N
   connections open through it (fork-per-connection rows get fewer, see `fork_idle_conns`).
 
@@ -54,7 +57,8 @@ PROXYD = "/lib/systemd/systemd-socket-proxyd"
 ALL_ROWS = ("direct", "forwarder", "forwarder-protocol", "haproxy", "haproxy-tuned", "socat",
             "xinetd", "systemd-socket-proxyd")
 FORKING = frozenset({"socat", "xinetd"})
-WORKLOADS = ("bulk", "rr", "churn", "mem")
+WORKLOADS = ("bulk", "smtp", "rr", "churn", "mem")
+SMTP_SESSIONS, SMTP_LEN = 20, 2000
 CHURN_CLIENTS = 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -68,18 +72,20 @@ class Mode:
     rr_count: int
     idle_conns: int
     fork_idle_conns: int    # socat/xinetd fork a process per connection: fewer for them
+    smtp_msgs: int
 
 
 MODES = {
-    "smoke": Mode("smoke", 1, 1, 0.5, 2000, 200, 50),
-    "quick": Mode("quick", 1, 1, 2.0, 20000, 1000, 200),
-    "full": Mode("full", 3, 3, 5.0, 20000, 10000, 500),
+    "smoke": Mode("smoke", 1, 1, 0.5, 2000, 200, 50, 200),
+    "quick": Mode("quick", 1, 1, 2.0, 20000, 1000, 200, 1000),
+    "full": Mode("full", 3, 3, 5.0, 20000, 10000, 500, 3000),
 }
 
 # metric key, column title, decimals
 COLUMNS = (
     ("bulk1", "bulk 1 stream Gbit/s", 2),
     ("bulk8", "bulk 8 streams Gbit/s", 2),
+    ("smtp", "SMTP msgs/s", 0),
     ("churn", "churn sessions/s", 0),
     ("rr_p50_added", "rr p50 added µs", 1),
     ("rr_p99_added", "rr p99 added µs", 1),
@@ -87,7 +93,7 @@ COLUMNS = (
     ("idle_rss_mb", "idle RSS MB", 1),
     ("kb_per_conn", "KB per idle conn", 1),
 )
-HIGHER_IS_BETTER = frozenset({"bulk1", "bulk8", "churn"})
+HIGHER_IS_BETTER = frozenset({"bulk1", "bulk8", "smtp", "churn"})
 
 
 def log(msg: str) -> None:
@@ -121,10 +127,11 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 
     return False
 
 
-def spawn(cmd: list[str], logfile: Path) -> subprocess.Popen[bytes]:
+def spawn(cmd: list[str], logfile: Path,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with logfile.open("ab") as out:
         # own session: stop() signals the group, which takes forked children (socat, xinetd)
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, env=env,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -176,6 +183,77 @@ def build_load() -> Path:
     subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(src)], check=True, timeout=60)
     tmp.replace(exe)
     return exe
+
+
+PF_ROOT = BUILD / "postfix"
+
+
+def _postfix_ok() -> bool:
+    env = {**os.environ, "LD_LIBRARY_PATH": str(PF_ROOT / "usr/lib/postfix")}
+    for tool in ("smtp-source", "smtp-sink"):
+        exe = PF_ROOT / "usr/sbin" / tool
+        if not exe.exists():
+            return False
+        r = subprocess.run(["ldd", str(exe)], capture_output=True, text=True, env=env,
+                           timeout=30)
+        if "not found" in r.stdout:
+            return False
+    return True
+
+
+def postfix_tools() -> tuple[Path, Path, dict[str, str]] | str:
+    """(smtp-source, smtp-sink, env) extracted from Debian's postfix package, or why not."""
+    env = {**os.environ, "LD_LIBRARY_PATH": str(PF_ROOT / "usr/lib/postfix")}
+    tools = (PF_ROOT / "usr/sbin/smtp-source", PF_ROOT / "usr/sbin/smtp-sink", env)
+    if _postfix_ok():
+        return tools
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        return "apt-get/dpkg missing: cannot fetch postfix's smtp-source/smtp-sink"
+    dl = BUILD / "postfix-dl"
+    shutil.rmtree(dl, ignore_errors=True)
+    dl.mkdir(parents=True)
+    try:
+        r = subprocess.run(["apt-get", "download", "postfix"], cwd=dl, capture_output=True,
+                           text=True, timeout=300)
+        if r.returncode != 0 and os.geteuid() == 0:  # stale package lists
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
+            r = subprocess.run(["apt-get", "download", "postfix"], cwd=dl,
+                               capture_output=True, text=True, timeout=300)
+        debs = list(dl.glob("postfix_*.deb"))
+        if not debs:
+            return f"apt-get download postfix failed: {r.stderr.strip()[-200:]}"
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(PF_ROOT)], check=True, timeout=120)
+        if not _postfix_ok() and os.geteuid() == 0:  # its shared libraries, from Depends
+            dep = subprocess.run(["dpkg-deb", "-f", str(debs[0]), "Depends"],
+                                 capture_output=True, text=True, timeout=30).stdout
+            libs = [d.split("(")[0].split("|")[0].strip() for d in dep.split(",")]
+            libs = [x for x in libs if x.startswith("lib")]
+            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                            *libs], capture_output=True, timeout=600,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"cannot extract postfix's tools: {e}"
+    finally:
+        shutil.rmtree(dl, ignore_errors=True)
+    return tools if _postfix_ok() else "smtp-source/smtp-sink cannot run (libraries missing)"
+
+
+def smtp_rate(source: Path, env: dict[str, str], port: int, msgs: int) -> float | None:
+    """Messages/s for `msgs` 2 kB messages over 20 concurrent sessions via the row."""
+    cmd = [str(source), "-s", str(SMTP_SESSIONS), "-m", str(msgs), "-l", str(SMTP_LEN),
+           "-f", "bench@example.org", "-t", "sink@example.org", "-M", "bench.example.org",
+           f"{HOST}:{port}"]
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    except subprocess.TimeoutExpired:
+        log(f"smtp-source via :{port} timed out")
+        return None
+    took = time.monotonic() - t0
+    if r.returncode != 0:
+        log(f"smtp-source via :{port} failed: {r.stderr.strip()[-200:]}")
+        return None
+    return msgs / took
 
 
 # ------------------------------------------------------------------ /proc accounting
@@ -369,12 +447,19 @@ class Backends:
     proc: subprocess.Popen[bytes] | None = None
     kind: str = ""
 
-    def start(self, kind: str) -> None:
+    def start(self, kind: str, sink: tuple[Path, dict[str, str]] | None = None) -> None:
         self.stop()
         self.kind, self.port = kind, free_port()
-        cmd = ([str(sbin("iperf3")), "-s", "-p", str(self.port), "-B", HOST]
-               if kind == "iperf3" else [str(self.load), "server", str(self.port)])
-        self.proc = spawn(cmd, self.tmp / f"backend-{kind}.log")
+        env = None
+        if kind == "iperf3":
+            cmd = [str(sbin("iperf3")), "-s", "-p", str(self.port), "-B", HOST]
+        elif kind == "smtp-sink" and sink is not None:
+            user = ["-u", "nobody"] if os.geteuid() == 0 else []  # it refuses to run as root
+            cmd = [str(sink[0]), *user, f"{HOST}:{self.port}", "1024"]
+            env = sink[1]
+        else:
+            cmd = [str(self.load), "server", str(self.port)]
+        self.proc = spawn(cmd, self.tmp / f"backend-{kind}.log", env)
         if not wait_port(self.port, self.proc, 10.0):
             raise RuntimeError(f"backend {kind} did not start")
 
@@ -515,7 +600,25 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                             res.add(r.name, "cpu_s_per_gb", cpu / (out[1] / 1e9))
                     interleave(rows, mode.reps, f"bulk {streams} stream(s)", bulk)
             be.stop()
-        rest = [w for w in workloads if w != "bulk"]
+        if "smtp" in workloads:
+            tools = postfix_tools()
+            if isinstance(tools, str):
+                res.skipped["smtp"] = tools
+                log(f"skipping smtp: {tools}")
+            else:
+                source, sink, env = tools
+                be.start("smtp-sink", (sink, env))
+                with rows_running([n for n in names if n not in res.skipped], be.port, tmp,
+                                  res.skipped) as rows:
+                    res.rows = res.rows or [r.name for r in rows]
+
+                    def smtp(r: Row) -> None:
+                        rate = smtp_rate(source, env, r.port, mode.smtp_msgs)
+                        if rate is not None:
+                            res.add(r.name, "smtp", rate)
+                    interleave(rows, mode.reps, "smtp", smtp)
+                be.stop()
+        rest = [w for w in workloads if w not in ("bulk", "smtp")]
         if rest:
             be.start("load")
             with rows_running([n for n in names if n not in res.skipped], be.port, tmp,
@@ -607,14 +710,16 @@ def fmt(v: float | None, dec: int) -> str:
 def tables(res: Results, markdown: bool) -> str:
     head = ["row", *[c[1] for c in COLUMNS]]
     body = [[r, *[fmt(res.median(r, k), d) for k, _, d in COLUMNS]] for r in res.rows]
-    refs: list[str] = [ref for ref in ("haproxy", "haproxy-tuned") if ref in res.rows]
+    refs: list[str] = [ref for ref in ("haproxy", "haproxy-tuned", "direct")
+                       if ref in res.rows]
     ratio_head = ["row"]
     ratio_cols: list[tuple[str, str]] = []
     for k, title, _ in COLUMNS:
         if k == "rr_p99_added":
             continue
         for ref in refs:
-            if ref == "haproxy" or k.startswith("bulk"):
+            if (ref == "haproxy" or (ref == "haproxy-tuned" and k.startswith("bulk"))
+                    or (ref == "direct" and k in HIGHER_IS_BETTER)):
                 ratio_cols.append((k, ref))
                 ratio_head.append(f"{title.removesuffix(' Gbit/s')} ÷ {ref}")
     ratio_body = []
@@ -685,6 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     if "rr" in workloads and "direct" not in names:
         names.insert(0, "direct")  # the rr columns are relative to direct
     t0 = time.monotonic()
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so run()'s finally stops every row it started
+
+    signal.signal(signal.SIGTERM, interrupted)
     res = run(names, mode, workloads, ns.idle_conns)
     log(f"done in {time.monotonic() - t0:.0f} s")
     print(tables(res, ns.markdown))
