@@ -95,10 +95,15 @@ class Access:
         self.per_source[host] += 1
         return None
 
+    def count(self, host: str) -> None:
+        """A connection admitted before this Access existed (a reload that added limits)."""
+        self.active += 1
+        self.per_source[host] += 1
+
     def release(self, host: str) -> None:
-        self.active -= 1
-        n = self.per_source[host] - 1
+        self.active = max(0, self.active - 1)
+        n = self.per_source.get(host, 0) - 1
         if n <= 0:
-            del self.per_source[host]
+            self.per_source.pop(host, None)
         else:
             self.per_source[host] = n

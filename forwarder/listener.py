@@ -96,7 +96,13 @@ class Listener:
         if cfg.access != self.access.cfg:
             old = self.access
             self.access = Access(cfg.access, self.loop.time, self.gate.hold_closed)
-            self.access.active, self.access.per_source = old.active, old.per_source
+            if old.trivial:  # nothing was counted: count the live connections now
+                for sp in self.splices:
+                    self.access.count(sp.tag[0][0])
+                for h in self.handoffs:
+                    self.access.count(h.addr[0])
+            else:
+                self.access.active, self.access.per_source = old.active, old.per_source
         await self.pool.update(cfg.backends, cfg.probe, cfg.send_proxy)
         self._health_changed()
 

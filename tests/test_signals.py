@@ -130,7 +130,8 @@ def test_sighup_under_traffic_keeps_200_splices_and_the_bound_socket() -> None:
             nonlocal refused
             deadline = time.monotonic() + 30
             while not stop.is_set() and time.monotonic() < deadline:
-                refused += connect_result("127.0.0.1", port) != "open"
+                refused += connect_result("127.0.0.1", port, timeout=5) == "refused"
+                stop.wait(0.002)  # a client's pace, not a flood: a flood fills any backlog
 
         t = threading.Thread(target=knock)
         t.start()
@@ -178,3 +179,36 @@ def _status(admin: int) -> dict[str, Any]:
 def _probe_times(admin: int, after: float) -> int:
     hist = _status(admin)["listeners"][0]["backends"][0]["history"]
     return sum(1 for h in hist if h["at"] > after)
+
+
+def test_reload_adding_per_source_counts_the_live_connections() -> None:
+    """Limits added by a reload apply to the connections already relayed: with two live
+    sessions from 127.0.0.1 and per_source = 2, a third from there is turned away."""
+    port = free_port()
+    with EchoBackend() as be, \
+            forwarder(toml_listener(port, be.port, mode="tcp", probe="tcp",
+                                    address="0.0.0.0")) as fw:
+        wait_port("127.0.0.1", port, "open", 10)
+        live = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        for s in live:
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        fw.config_path.write_text(toml_listener(
+            port, be.port, mode="tcp", probe="tcp", address="0.0.0.0",
+            extra="[listener.access]\nper_source = 2\n"))
+        mark = fw.mark()
+        fw.signal(signal.SIGHUP)
+        fw.wait_event("reload.done", since=mark)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+            third.settimeout(10)
+            assert third.recv(10) == b""  # turned away: closed without a byte
+        fw.wait_event("connection.refused", since=mark, outcome="rate_limited")
+        other = socket.socket()
+        other.bind(("127.0.0.2", 0))
+        other.settimeout(10)
+        other.connect(("127.0.0.1", port))
+        other.sendall(b"y")
+        assert other.recv(1) == b"y"  # another source is still admitted
+        other.close()
+        for s in live:
+            s.close()
