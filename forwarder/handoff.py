@@ -65,12 +65,11 @@ class Handoff:
     def _connect(self, b: Backend) -> bool:
         sa = b.sockaddr
         assert sa is not None
-        try:
-            bs = socket.socket(sa[0], socket.SOCK_STREAM)
+        try:  # non-blocking from birth: no ioctl
+            bs = socket.socket(sa[0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:  # out of fds: this backend is fine, we are not
             b.passive_failure("connect", e.strerror or str(e))
             return False
-        bs.setblocking(False)
         err = bs.connect_ex(sa[1])
         if err and err != errno.EINPROGRESS:
             bs.close()
@@ -88,10 +87,6 @@ class Handoff:
         err = bs.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._failed("connect", os.strerror(err))
-            return
-        try:
-            bs.getpeername()
-        except OSError:  # a stale event for an earlier socket with this fd number: wait
             return
         self.timer.cancel()
         b.metrics.connect.observe(lst.loop.time() - self.t0)
@@ -123,7 +118,7 @@ class Handoff:
         try:
             greeting = bs.recv(COPY_MAX)
         except (BlockingIOError, InterruptedError):
-            return  # a stale event (see _connected): keep waiting
+            return  # spurious: keep waiting
         except OSError:
             greeting = b""
         if not greeting:

@@ -62,6 +62,9 @@ class Poller:
         self.readers: dict[int, Callback] = {}
         self.writers: dict[int, Callback] = {}
         self.masks: dict[int, int] = {}
+        # fds dropped while a batch of events is dispatched: the rest of that batch may
+        # hold stale events for them, and a new socket may already reuse the number
+        self._dead: set[int] = set()
         loop.add_reader(self.ep.fileno(), self._ready)
 
     def _update(self, fd: int) -> None:
@@ -72,6 +75,7 @@ class Poller:
             return
         if not mask:
             del self.masks[fd]
+            self._dead.add(fd)
             try:
                 self.ep.unregister(fd)
             except OSError:
@@ -120,9 +124,14 @@ class Poller:
         self.readers.pop(fd, None)
         self.writers.pop(fd, None)
         self.masks.pop(fd, None)
+        self._dead.add(fd)
 
     def _ready(self) -> None:
+        dead = self._dead
+        dead.clear()
         for fd, ev in self.ep.poll(0, 512):
+            if fd in dead:
+                continue
             if ev & _IN:
                 cb = self.readers.get(fd)
                 if cb is not None:
