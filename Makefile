@@ -27,6 +27,10 @@ lint: venv
 	$(BIN)/ruff check forwarder tests
 	$(BIN)/mypy
 
+## the side-by-side benchmark (not part of `make test`; a smoke run of it is): --quick for ~2 min
+bench: debs venv
+	$(BIN)/python -m tests.perf.bench --markdown $(BENCH_ARGS)
+
 debs:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

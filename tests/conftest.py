@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Callable
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +28,37 @@ def need_tool(name: str) -> str:
 @pytest.fixture
 def tool() -> Callable[[str], str]:
     return need_tool
+
+
+def _forwarders() -> set[int]:
+    """Live (non-zombie) processes running this checkout's forwarder."""
+    marker = str(Path(__file__).resolve().parent.parent).encode()
+    found = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and b"forwarder" in cmd and marker in cmd and b"pytest" not in cmd:
+            found.add(int(d.name))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_forwarder_left_behind() -> Iterator[None]:
+    """Every test stops what it started: a forwarder still running after the session is a
+    test bug (it would hold ports and namespaces).  Survivors are killed and reported."""
+    before = _forwarders()
+    yield
+    deadline = time.monotonic() + 10
+    left = _forwarders() - before
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _forwarders() - before
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"forwarder processes left behind by the tests: {sorted(left)}"
