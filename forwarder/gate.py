@@ -10,14 +10,21 @@ listen() would pick a new ephemeral one, so ports are always explicit here.
 
 Before leaving LISTEN the accept queue is drained: those clients completed their handshake
 and would otherwise be reset; they are handed to the listener, which gives each the best
-answer left (a live peer, or a 421).
+answer left (a live peer, or a 421).  Draining alone leaves a race: a handshake completing
+between the last accept() and shutdown() lands in the queue and is reset with it (the 1,000
+flap test hit it about once per thousand flaps).  So closing first attaches a socket filter
+that drops new SYNs, keeps accepting for CLOSE_SETTLE seconds while handshakes already in
+flight complete, then drains once more, leaves LISTEN and removes the filter.  A SYN
+dropped meanwhile is retransmitted by its client after a second and then refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import socket
+import struct
 from collections.abc import Callable
 
 import structlog
@@ -32,6 +39,35 @@ AcceptHandler = Callable[[socket.socket, Address], None]
 # accept() errors that mean "out of resources now": back off instead of spinning
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_BATCH = 64
+CLOSE_SETTLE = 0.1  # seconds a closing gate still accepts in-flight handshakes
+
+_SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
+
+
+def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("HBBI", code, jt, jf, k)
+
+
+# classic BPF on the TCP header: drop a segment whose flags have SYN set and ACK clear
+_DROP_SYN = ctypes.create_string_buffer(b"".join([
+    _bpf(0x30, 13),                # ldb [13]        (TCP flags)
+    _bpf(0x54, 0x12),              # and #SYN|ACK
+    _bpf(0x15, 0x02, jt=0, jf=1),  # jeq #SYN ? drop : accept
+    _bpf(0x06, 0),                 # ret #0          drop
+    _bpf(0x06, 0xFFFFFFFF),        # ret #-1         accept
+]), 40)
+_DROP_SYN_PROG = struct.pack("HL", 5, ctypes.addressof(_DROP_SYN))
+
+
+def _drop_syns(sock: socket.socket, on: bool) -> bool:
+    try:
+        if on:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_SYN_PROG)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        return True
+    except OSError:
+        return False
 
 
 class Gate:
@@ -56,8 +92,14 @@ class Gate:
             s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) for s in socks)
         self._backoff: asyncio.TimerHandle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
+        self._closing: asyncio.TimerHandle | None = None  # CLOSE_SETTLE still running
         self._loop = asyncio.get_running_loop()
         self.transitions = 0
+
+    @property
+    def settling(self) -> bool:
+        """Closed for new SYNs, still accepting in-flight handshakes (CLOSE_SETTLE)."""
+        return self._closing is not None
 
     # --- the decision -------------------------------------------------------------------
 
@@ -115,9 +157,17 @@ class Gate:
     # --- the mechanism ------------------------------------------------------------------
 
     def _open(self, reason: str) -> None:
-        for s in self.socks:
-            s.listen(self.backlog)
-            self._loop.add_reader(s.fileno(), self._accept_ready, s)
+        if self._closing is not None:  # never stopped listening: let SYNs in again
+            self._closing.cancel()
+            self._closing = None
+            for s in self.socks:
+                _drop_syns(s, False)
+            self.is_open = True  # no transition: from outside the gate never closed
+            return
+        else:
+            for s in self.socks:
+                s.listen(self.backlog)
+                self._loop.add_reader(s.fileno(), self._accept_ready, s)
         self.is_open = True
         self._transition("open", reason)
 
@@ -125,6 +175,20 @@ class Gate:
         if self._backoff:
             self._backoff.cancel()
             self._backoff = None
+        filtered = all([_drop_syns(s, True) for s in self.socks])
+        was_open, self.is_open = self.is_open, False
+        if filtered and was_open and not self.stopping:
+            # accepting goes on (each one answered 421 or spliced) until in-flight
+            # handshakes are done; see the module docstring
+            for s in self.socks:
+                self._accept_all(s, limit=None)
+            self._closing = self._loop.call_later(CLOSE_SETTLE, self._finish_close, reason)
+        else:
+            self._finish_close(reason)
+
+    def _finish_close(self, reason: str) -> None:
+        """Out of LISTEN: from now on a SYN is refused; that is when the gate is closed."""
+        self._closing = None
         for s in self.socks:
             self._loop.remove_reader(s.fileno())
             self._accept_all(s, limit=None)  # the queue: answer, don't reset
@@ -132,7 +196,7 @@ class Gate:
                 s.shutdown(socket.SHUT_RD)
             except OSError as e:  # ENOTCONN on kernels without the trick: say so loudly
                 log.error("gate.unlisten_failed", listener=self.name, error=e.strerror)
-        self.is_open = False
+            _drop_syns(s, False)
         self._transition("closed", reason)
 
     def _transition(self, state: str, reason: str) -> None:
@@ -200,6 +264,9 @@ class Gate:
             self._backoff.cancel()
         if self._hold_timer:
             self._hold_timer.cancel()
+        if self._closing is not None:
+            self._closing.cancel()
+            self._finish_close("shutdown")
         for s in self.socks:
             if self.is_open:
                 self._loop.remove_reader(s.fileno())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 import socket
 
@@ -30,7 +31,12 @@ def test_gate_accepts_queue_before_unlistening() -> None:
         clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
         gate.set_healthy(False)
         assert not gate.is_open
-        assert len(handed) == 5
+        assert len(handed) == 5  # answered at once, not after the settle
+        # new SYNs are dropped while handshakes in flight settle, then the port refuses
+        deadline = asyncio.get_running_loop().time() + 2
+        while gate.settling:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)  # the settle timer runs on this loop
         by_peer = {c.getsockname(): c for c in clients}
         for srv in handed:
             srv.setblocking(True)
@@ -74,3 +80,46 @@ def test_queued_clients_get_421_when_backend_dies() -> None:
             fw.wait_event("gate.closed", timeout=5)
     finally:
         be.stop()
+
+
+def test_closing_gate_drops_new_syns_until_it_has_left_listen() -> None:
+    """While a closing gate settles, a new SYN is dropped (its client retries and is then
+    refused), never completed into a queue that shutdown() would reset."""
+
+    async def main() -> None:
+        port = free_port()
+        sock = bind(Endpoint("127.0.0.1", port))
+        handed: list[socket.socket] = []
+        gate = Gate("settle-unit", [sock], 16, lambda c, a: handed.append(c),
+                    ListenerMetrics("settle-unit"))
+        gate.set_healthy(True)
+        gate.set_healthy(False)
+        assert _settling(gate)
+        c = socket.socket()
+        c.setblocking(False)
+        assert c.connect_ex(("127.0.0.1", port)) == errno.EINPROGRESS
+        await asyncio.sleep(0.02)  # the SYN went out and was dropped: still in progress
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        try:
+            peer = c.getpeername()
+        except OSError:
+            peer = None  # not connected: the SYN was dropped
+        assert peer is None, "a SYN completed while the gate was closing"
+        c.close()
+        deadline = asyncio.get_running_loop().time() + 2
+        while _settling(gate):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        assert not handed
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            raise AssertionError("port still accepts after the gate closed")
+        except ConnectionRefusedError:
+            pass
+        sock.close()
+
+    asyncio.run(main())
+
+
+def _settling(gate: Gate) -> bool:
+    return gate.settling  # a call: mypy would otherwise keep the narrowed value
