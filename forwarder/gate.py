@@ -59,14 +59,23 @@ _DROP_SYN = ctypes.create_string_buffer(b"".join([
 _DROP_SYN_PROG = struct.pack("HL", 5, ctypes.addressof(_DROP_SYN))
 
 
+_filter_warned = False
+
+
 def _drop_syns(sock: socket.socket, on: bool) -> bool:
+    global _filter_warned
     try:
         if on:
             sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_SYN_PROG)
         else:
             sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
         return True
-    except OSError:
+    except OSError as e:
+        if on and not _filter_warned:  # some kernels want CAP_NET_ADMIN for this
+            _filter_warned = True
+            log.warning("gate.syn_filter_unavailable", error=e.strerror,
+                        detail="closing falls back to drain-then-shutdown: a handshake "
+                               "completing in that instant is reset")
         return False
 
 
