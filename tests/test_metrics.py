@@ -138,7 +138,7 @@ def test_no_backend_421_when_the_gate_is_open_without_a_live_backend() -> None:
             reply = await reader.readline()
             assert await reader.read() == b""  # then a clean close
         writer.close()
-        assert lst.metrics.outcome["no_backend_421"]._value.get() == 1
+        assert lst.metrics.outcome["no_backend_421"].value == 1
         await lst.stop(1)
         return reply
 
