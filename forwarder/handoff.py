@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from .listener import Listener
 
 _LINGER_RST = struct.pack("ii", 1, 0)
+# what a read reports when the connect itself failed (refused, no route, SYNs unanswered)
+_CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                             errno.ETIMEDOUT, errno.EHOSTDOWN, errno.ENETDOWN})
 
 
 class Handoff:
@@ -76,10 +79,38 @@ class Handoff:
             b.passive_failure("connect", os.strerror(err))
             return False
         lst = self.lst
+        cfg = lst.cfg
         self.backend, self.bs, self.t0 = b, bs, lst.loop.time()
-        self.timer = lst.loop.call_later(lst.cfg.connect_timeout, self._expired, "connect")
+        if cfg.mode == "smtp" and not cfg.send_proxy:
+            # The greeting proves the connect: wait for it straight away.  No writable
+            # wait, no SO_ERROR read, one epoll_ctl and one wake-up fewer per session; a
+            # refused connect shows up as an error on the first read (see _greeted).
+            if cfg.nodelay:
+                bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.timer = lst.loop.call_later(min(cfg.connect_timeout, cfg.greeting_timeout),
+                                             self._deadline)
+            lst.poller.add_reader(bs.fileno(), self._greeted)
+            return True
+        self.timer = lst.loop.call_later(cfg.connect_timeout, self._expired, "connect")
         lst.poller.add_writer(bs.fileno(), self._connected)
         return True
+
+    def _deadline(self) -> None:
+        """One timer for both limits of the direct-to-greeting path, both counted from the
+        start of the connect: not connected by `connect_timeout` is a connect failure,
+        connected but silent at `greeting_timeout` a greeting failure."""
+        bs, lst = self.bs, self.lst
+        assert bs is not None
+        try:
+            bs.getpeername()
+            step, limit = "greeting", lst.cfg.greeting_timeout
+        except OSError:  # ENOTCONN: the handshake has not completed
+            step, limit = "connect", lst.cfg.connect_timeout
+        left = limit - (lst.loop.time() - self.t0)
+        if left > 0.001:  # the first timer was the smaller limit: wait for the other one
+            self.timer = lst.loop.call_later(left, self._deadline)
+        else:
+            self._expired(step)
 
     def _connected(self) -> None:
         bs, b, lst = self.bs, self.backend, self.lst
@@ -113,18 +144,24 @@ class Handoff:
         backend that resets right after greeting would otherwise destroy the unread
         greeting in our receive queue, and the client would see a reset before any reply
         (the no-silent-drop rule wants a 421 or a next backend then)."""
-        bs = self.bs
-        assert bs is not None and self.timer is not None
+        bs, b = self.bs, self.backend
+        assert bs is not None and b is not None and self.timer is not None
         try:
             greeting = bs.recv(COPY_MAX)
         except (BlockingIOError, InterruptedError):
             return  # spurious: keep waiting
-        except OSError:
+        except OSError as e:
+            if e.errno in _CONNECT_ERRNOS:  # the direct-to-greeting path's failed connect
+                self._failed("connect", e.strerror or str(e))
+                return
             greeting = b""
         if not greeting:
             self._failed("greeting", "closed or reset before a greeting")
             return
         self.timer.cancel()
+        if not self.lst.cfg.send_proxy:
+            # direct-to-greeting: the connect is not timed apart from the greeting
+            b.metrics.connect.observe(self.lst.loop.time() - self.t0)
         self.lst.poller.drop_reader(bs.fileno())  # re-armed as it is by PipeSplice.start
         self._splice(greeting)
 

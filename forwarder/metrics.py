@@ -169,7 +169,8 @@ connections = HotFamily("forwarder_connections_total", "Connections by outcome",
 connections_active = HotFamily("forwarder_connections_active", "Connections being relayed now",
                                "gauge", ["listener"])
 backend_connect = HotFamily("forwarder_backend_connect_seconds",
-                            "Time to connect to a backend (successful connects)", "histogram",
+                            "Time until a backend connection was usable: connected (tcp mode, "
+                            "or with send_proxy), greeted (smtp mode)", "histogram",
                             ["backend"],
                             buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05,
                                      .1, .25, .5, 1, 2.5, 5))

@@ -67,3 +67,34 @@ def test_a_hung_first_backend_is_skipped_before_any_byte_reached_the_client() ->
                     assert s.recv(100).startswith(b"220 ")  # the second one's greeting
                 _send(port, 1)
             assert len(second.wait_messages(1)) == 1
+
+
+def test_a_first_backend_that_never_answers_the_syn_is_skipped_after_connect_timeout() -> None:
+    """The smtp hand-off waits for the greeting straight after connect(); a backend whose
+    SYN goes unanswered must still fail as a *connect* failure at `connect_timeout`, and
+    the session moves on to the next backend with no byte lost and no 421.
+
+    The black hole: a listener with backlog 0 whose one queued connection (the first tcp
+    probe's) is never accepted; the kernel then drops every further SYN."""
+    port = free_port()
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    hole_port = hole.getsockname()[1]
+    try:
+        with SmtpBackend() as second:
+            cfg = toml_listener(port, hole_port, interval=60, probe="tcp",
+                                extra="connect_timeout = 0.5\n"
+                                + _peers(hole_port, second.port, gate="any"))
+            with forwarder(cfg) as fw:
+                fw.wait_event("backend.state", state="up", backend=f"127.0.0.1:{second.port}")
+                fw.wait_event("backend.state", state="up", backend=f"127.0.0.1:{hole_port}")
+                with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+                    s.settimeout(15)
+                    assert s.recv(100).startswith(b"220 ")  # the second one's greeting
+                ev = fw.wait_event("backend.passive_failure", backend=f"127.0.0.1:{hole_port}")
+                assert ev["reason"] == "connect" and ev["detail"] == "timeout", ev
+                _send(port, 1)
+            assert len(second.wait_messages(1)) == 1
+    finally:
+        hole.close()
