@@ -12,6 +12,7 @@ and a 421 (smtp) or a close (tcp) only when none is left.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 import struct
@@ -22,8 +23,6 @@ from . import proxy_protocol
 from .splice import COPY_MAX, PipeSplice
 
 if TYPE_CHECKING:
-    import asyncio
-
     from .backends import Backend
     from .gate import Address
     from .listener import Listener
@@ -35,7 +34,8 @@ _CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETU
 
 
 class Handoff:
-    __slots__ = ("addr", "backend", "bs", "conn", "lst", "t0", "timer", "todo", "tried")
+    __slots__ = ("addr", "backend", "bs", "conn", "deadline", "lst", "step", "t0", "todo",
+                 "tried")
 
     def __init__(self, lst: Listener, conn: socket.socket, addr: Address,
                  candidates: list[Backend]) -> None:
@@ -46,12 +46,23 @@ class Handoff:
         self.tried = 0
         self.backend: Backend | None = None
         self.bs: socket.socket | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        # checked by the listener's watchdog (Listener.watch), not a timer per connection:
+        # a TimerHandle created and cancelled twice per session was ~3% of the churn cost
+        self.deadline = math.inf
+        self.step = ""  # what the deadline is for: connect, greeting, or direct (both)
         self.t0 = 0.0
 
     def start(self) -> None:
-        self.lst.handoffs.add(self)
+        self.lst.watch(self)
         self._next()
+
+    def expire(self) -> None:
+        """Called by the listener's watchdog once `deadline` has passed."""
+        self.deadline = math.inf
+        if self.step == "direct":
+            self._deadline()
+        else:
+            self._expired(self.step)
 
     # --- steps ----------------------------------------------------------------------------
 
@@ -87,16 +98,16 @@ class Handoff:
             # refused connect shows up as an error on the first read (see _greeted).
             if cfg.nodelay:
                 bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.timer = lst.loop.call_later(min(cfg.connect_timeout, cfg.greeting_timeout),
-                                             self._deadline)
+            self.deadline = self.t0 + min(cfg.connect_timeout, cfg.greeting_timeout)
+            self.step = "direct"
             lst.poller.add_reader(bs.fileno(), self._greeted)
             return True
-        self.timer = lst.loop.call_later(cfg.connect_timeout, self._expired, "connect")
+        self.deadline, self.step = self.t0 + cfg.connect_timeout, "connect"
         lst.poller.add_writer(bs.fileno(), self._connected)
         return True
 
     def _deadline(self) -> None:
-        """One timer for both limits of the direct-to-greeting path, both counted from the
+        """One deadline for both limits of the direct-to-greeting path, both counted from the
         start of the connect: not connected by `connect_timeout` is a connect failure,
         connected but silent at `greeting_timeout` a greeting failure."""
         bs, lst = self.bs, self.lst
@@ -107,19 +118,19 @@ class Handoff:
         except OSError:  # ENOTCONN: the handshake has not completed
             step, limit = "connect", lst.cfg.connect_timeout
         left = limit - (lst.loop.time() - self.t0)
-        if left > 0.001:  # the first timer was the smaller limit: wait for the other one
-            self.timer = lst.loop.call_later(left, self._deadline)
+        if left > 0.001:  # the first deadline was the smaller limit: wait for the other
+            self.deadline = lst.loop.time() + left
         else:
             self._expired(step)
 
     def _connected(self) -> None:
         bs, b, lst = self.bs, self.backend, self.lst
-        assert bs is not None and b is not None and self.timer is not None
+        assert bs is not None and b is not None
         err = bs.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._failed("connect", os.strerror(err))
             return
-        self.timer.cancel()
+        self.deadline = math.inf
         b.metrics.connect.observe(lst.loop.time() - self.t0)
         fd = bs.fileno()
         cfg = lst.cfg
@@ -134,7 +145,7 @@ class Handoff:
         if cfg.mode == "smtp":
             # one epoll_ctl: the registration turns from "writable" to "readable"
             lst.poller.swap_to_reader(fd, self._greeted)
-            self.timer = lst.loop.call_later(cfg.greeting_timeout, self._expired, "greeting")
+            self.deadline, self.step = lst.loop.time() + cfg.greeting_timeout, "greeting"
             return
         lst.poller.drop_writer(fd)  # PipeSplice.start re-arms the fd: one epoll_ctl
         self._splice()
@@ -145,7 +156,7 @@ class Handoff:
         greeting in our receive queue, and the client would see a reset before any reply
         (the no-silent-drop rule wants a 421 or a next backend then)."""
         bs, b = self.bs, self.backend
-        assert bs is not None and b is not None and self.timer is not None
+        assert bs is not None and b is not None
         try:
             greeting = bs.recv(COPY_MAX)
         except (BlockingIOError, InterruptedError):
@@ -158,7 +169,7 @@ class Handoff:
         if not greeting:
             self._failed("greeting", "closed or reset before a greeting")
             return
-        self.timer.cancel()
+        self.deadline = math.inf
         if not self.lst.cfg.send_proxy:
             # direct-to-greeting: the connect is not timed apart from the greeting
             b.metrics.connect.observe(self.lst.loop.time() - self.t0)
@@ -171,8 +182,7 @@ class Handoff:
     def _failed(self, step: str, detail: str) -> None:
         bs, b = self.bs, self.backend
         assert bs is not None and b is not None
-        if self.timer is not None:
-            self.timer.cancel()
+        self.deadline = math.inf
         self.lst.poller.forget(bs.fileno())  # closing the socket removes it from epoll
         if step == "greeting":
             bs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
@@ -194,8 +204,7 @@ class Handoff:
     def abort(self) -> None:
         """At shutdown, or when no splice could be set up: both sockets closed."""
         self.lst.handoffs.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
+        self.deadline = math.inf
         if self.bs is not None:
             self.lst.poller.forget(self.bs.fileno())
             self.bs.close()

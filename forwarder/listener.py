@@ -31,6 +31,7 @@ from .splice import available as splice_available
 log = structlog.get_logger("forwarder.listener")
 
 LINGER_RST = struct.pack("ii", 1, 0)
+HANDOFF_TICK = 0.05  # how often pending hand-offs' deadlines are checked
 LINGER_421 = 2.0  # how long we wait for the client's FIN after a 421, before closing
 
 
@@ -66,6 +67,7 @@ class Listener:
         self.poller = Poller.for_loop(self.loop)
         self._sampler = Sampler(per_second=20)
         self._sweeper: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self.pool.subscribe(self._health_changed)
 
     @property
@@ -122,6 +124,9 @@ class Listener:
             s.abort("error")
         for h in list(self.handoffs):
             h.abort()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for t in list(self.tasks):
             t.cancel()
         await self.pool.stop()
@@ -152,6 +157,25 @@ class Listener:
         t = self.loop.create_task(self._serve(conn, addr))
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
+
+    def watch(self, h: Handoff) -> None:
+        """Track a hand-off; its connect/greeting deadline is checked every HANDOFF_TICK
+        while any is pending (limits are honoured to within that tick)."""
+        self.handoffs.add(h)
+        if self._watchdog is None:
+            self._watchdog = self.loop.call_later(HANDOFF_TICK, self._check_handoffs)
+
+    def _check_handoffs(self) -> None:
+        self._watchdog = None
+        now = self.loop.time()
+        for h in [h for h in self.handoffs if h.deadline <= now]:
+            try:
+                h.expire()
+            except Exception:  # the watchdog must outlive any one bad hand-off
+                log.exception("handoff.expire_failed", listener=self.cfg.name)
+                h.abort()
+        if self.handoffs:
+            self._watchdog = self.loop.call_later(HANDOFF_TICK, self._check_handoffs)
 
     def refuse_later(self, conn: socket.socket, addr: Address, outcome: str) -> None:
         """For the hand-off: the 421 path waits for the client's FIN, so it is a task."""
