@@ -14,8 +14,9 @@ Workloads, interleaved (for each workload, every row in turn, `reps` times; medi
 - bulk: iperf3 through the row to an iperf3 server, 1 and 8 streams (Gbit/s), and the row's
   CPU seconds per GB moved (utime+stime of its process tree, reaped children included via
   cutime/cstime: best effort for the forking rows);
-- rr: round trips of 64-byte lines over one connection (p50/p99, µs added over a `direct`
-  run made just before, paired because the machine drifts);
+- rr: round trips of 64-byte lines over one connection, with client, row and backend pinned
+  to CPU 0 (p50/p99, µs added over a `direct` run made just before, paired because the
+  machine drifts; unpinned, cross-CPU wake-ups made the same row swing 5x between runs);
 - churn: sessions/s of 20 concurrent clients (connect, 220, QUIT, 221, close);
 - smtp: messages/s from Postfix's smtp-source (20 sessions, 2 kB messages) through the row
   to Postfix's smtp-sink; both taken from Debian's postfix package with `apt-get download`
@@ -282,6 +283,21 @@ def proc_tree(pid: int) -> list[int]:
     return out
 
 
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """sched_setaffinity on every thread of pid's process tree (children forked later
+    inherit it)."""
+    for p in proc_tree(pid):
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
+        except OSError:
+            continue
+        for t in tids:
+            try:
+                os.sched_setaffinity(t, cpus)
+            except OSError:
+                pass
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """utime+stime+cutime+cstime over the process tree (reaped children included)."""
     ticks = 0
@@ -496,10 +512,15 @@ def iperf(port: int, streams: int, secs: int, be: Backends) -> tuple[float, floa
     return None
 
 
-def run_load(load: Path, args: list[str], timeout: float) -> dict[str, float] | None:
-    """Run a load.c client; parse its `key value ...` output line."""
+def run_load(load: Path, args: list[str], timeout: float,
+             cpus: set[int] | None = None) -> dict[str, float] | None:
+    """Run a load.c client (on `cpus` if given); parse its `key value ...` output line."""
+    def pin() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
     try:
-        p = subprocess.run([str(load), *args], capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run([str(load), *args], capture_output=True, text=True, timeout=timeout,
+                           preexec_fn=pin)
     except subprocess.TimeoutExpired:
         log(f"load {args[0]} timed out")
         return None
@@ -631,9 +652,22 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                 if "rr" in rest:
                     direct = next((r for r in rows if r.name == "direct"), None)
 
+                    every_cpu = os.sched_getaffinity(0)
+
                     def rr_once(r: Row) -> dict[str, float] | None:
-                        return run_load(load, ["rr", HOST, str(r.port), str(mode.rr_count)],
-                                        timeout=60)
+                        # client, row and backend all on CPU 0: unpinned, the round trip
+                        # depended on which CPUs the three happened to share (cross-CPU
+                        # wake-ups in this VM), and the same row swung 5x between runs;
+                        # pinned, the added µs is the row's own work per round trip
+                        pids = [x.proc.pid for x in (r, be) if x.proc is not None]
+                        for pid in pids:
+                            pin_tree(pid, {0})
+                        try:
+                            return run_load(load, ["rr", HOST, str(r.port),
+                                                   str(mode.rr_count)], timeout=60, cpus={0})
+                        finally:
+                            for pid in pids:
+                                pin_tree(pid, every_cpu)
 
                     def rr(r: Row) -> None:
                         # paired with a direct run just before it: the machine drifts
