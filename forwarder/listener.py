@@ -72,8 +72,9 @@ class Listener:
 
     @property
     def use_splice(self) -> bool:
-        """auto means splice on Linux: measured faster for bulk and cheaper per GB, at a
-        small cost in connection churn (see the README's benchmark)."""
+        """auto means splice on Linux: in the README's benchmark it matches the protocol
+        relay in bulk at half the CPU per GB and sets up 1.4x the sessions per second; the
+        protocol relay adds ~2 µs less to a round trip."""
         return self.cfg.relay != "protocol" and splice_available()
 
     # --- lifecycle ----------------------------------------------------------------------
