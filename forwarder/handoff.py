@@ -24,6 +24,7 @@ from .splice import COPY_MAX, PipeSplice
 
 if TYPE_CHECKING:
     from .backends import Backend
+    from .config import ListenerConfig
     from .gate import Address
     from .listener import Listener
 
@@ -31,6 +32,15 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 # what a read reports when the connect itself failed (refused, no route, SYNs unanswered)
 _CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                              errno.ETIMEDOUT, errno.EHOSTDOWN, errno.ENETDOWN})
+
+
+def tune(sock: socket.socket, cfg: ListenerConfig) -> None:
+    """`nodelay` / `keepalive` on a backend socket, before its connect.  (The client side
+    inherits them from the listening socket: see Listener.apply_socket_options.)"""
+    if cfg.nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if cfg.keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 class Handoff:
@@ -84,6 +94,7 @@ class Handoff:
         except OSError as e:  # out of fds: this backend is fine, we are not
             b.passive_failure("connect", e.strerror or str(e))
             return False
+        tune(bs, self.lst.cfg)
         err = bs.connect_ex(sa[1])
         if err and err != errno.EINPROGRESS:
             bs.close()
@@ -96,8 +107,6 @@ class Handoff:
             # The greeting proves the connect: wait for it straight away.  No writable
             # wait, no SO_ERROR read, one epoll_ctl and one wake-up fewer per session; a
             # refused connect shows up as an error on the first read (see _greeted).
-            if cfg.nodelay:
-                bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.deadline = self.t0 + min(cfg.connect_timeout, cfg.greeting_timeout)
             self.step = "direct"
             lst.poller.add_reader(bs.fileno(), self._greeted)
@@ -135,8 +144,6 @@ class Handoff:
         fd = bs.fileno()
         cfg = lst.cfg
         try:
-            if cfg.nodelay:
-                bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if cfg.send_proxy:
                 bs.send(proxy_protocol.header_for_socket(cfg.send_proxy, self.conn))
         except OSError as e:

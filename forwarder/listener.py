@@ -21,7 +21,7 @@ from .access import Access
 from .backends import Backend, Pool
 from .config import ListenerConfig
 from .gate import Address, Gate
-from .handoff import Handoff
+from .handoff import Handoff, tune
 from .logs import Sampler
 from .metrics import ListenerMetrics
 from .relay import Splice
@@ -69,6 +69,21 @@ class Listener:
         self._sweeper: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self.pool.subscribe(self._health_changed)
+        self.apply_socket_options()
+
+    def apply_socket_options(self) -> None:
+        """`nodelay` and `keepalive` go on the listening sockets: every accepted socket
+        inherits both from its listener (Linux), so the client side costs no syscall per
+        connection.  Re-applied on reload; affects connections accepted from then on."""
+        for s in self.gate.socks:
+            for level, opt, on in ((socket.IPPROTO_TCP, socket.TCP_NODELAY, self.cfg.nodelay),
+                                   (socket.SOL_SOCKET, socket.SO_KEEPALIVE,
+                                    self.cfg.keepalive)):
+                try:
+                    s.setsockopt(level, opt, int(on))
+                except OSError as e:
+                    log.warning("listener.sockopt_failed", listener=self.cfg.name,
+                                option=opt, error=e.strerror)
 
     @property
     def use_splice(self) -> bool:
@@ -96,6 +111,7 @@ class Listener:
         self.msg_421 = reply_421(self.hostname)
         self.msg_busy = reply_busy(self.hostname)
         self.gate.backlog = cfg.backlog
+        self.apply_socket_options()
         if cfg.access != self.access.cfg:
             old = self.access
             self.access = Access(cfg.access, self.loop.time, self.gate.hold_closed)
@@ -244,6 +260,10 @@ class Listener:
             b.passive_failure("connect", str(e) or "timeout")
             return None
         b.metrics.connect.observe(self.loop.time() - t0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # uvloop turns TCP_NODELAY on for every transport
+            with contextlib.suppress(OSError):
+                tune(sock, cfg)
         if cfg.send_proxy:
             transport.write(proxy_protocol.header_for_socket(cfg.send_proxy, conn))
         if cfg.mode != "smtp":
@@ -276,7 +296,7 @@ class Listener:
             b.passive_failure("connect", str(e) or "timeout")
             return None
         b.metrics.connect.observe(self.loop.time() - t0)
-        bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune(bs, cfg)
         if cfg.send_proxy:
             bs.send(proxy_protocol.header_for_socket(cfg.send_proxy, conn))
         greeting = b""
