@@ -5,7 +5,9 @@
                                [--json OUT] [--markdown]
 
 Rows: `direct` (no forwarder), `forwarder` (splice relay, tcp probe, gate, admin/metrics,
-log level info), `forwarder-protocol` (--relay protocol), `haproxy` (tcp mode, defaults),
+log level info, tcp mode like haproxy's), `forwarder-protocol` (--relay protocol),
+`forwarder-smtp` (smtp mode and smtp probe, as on port 25: greeting read before the splice,
+421 when no backend; no bulk column, iperf3 sends no greeting), `haproxy` (tcp mode, defaults),
 `haproxy-tuned` (tune.bufsize 262144, splice-auto), `socat` (fork per connection), `xinetd`
 (redirect), `systemd-socket-proxyd` (socket-activated). A row whose tool is missing is skipped
 with the reason printed.
@@ -55,8 +57,9 @@ ROOT = HERE.parent.parent
 BUILD = HERE / ".build"
 HOST = "127.0.0.1"
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
-ALL_ROWS = ("direct", "forwarder", "forwarder-protocol", "haproxy", "haproxy-tuned", "socat",
-            "xinetd", "systemd-socket-proxyd")
+ALL_ROWS = ("direct", "forwarder", "forwarder-protocol", "forwarder-smtp", "haproxy",
+            "haproxy-tuned", "socat", "xinetd", "systemd-socket-proxyd")
+NO_BULK = frozenset({"forwarder-smtp"})  # iperf3 sends no greeting for smtp mode to pass on
 FORKING = frozenset({"socat", "xinetd"})
 WORKLOADS = ("bulk", "smtp", "rr", "churn", "mem")
 SMTP_SESSIONS, SMTP_LEN = 20, 2000
@@ -356,6 +359,7 @@ def sbin(name: str) -> str | None:
 def missing_reason(name: str) -> str | None:
     needs: dict[str, list[str]] = {
         "forwarder": ["forwarder"], "forwarder-protocol": ["forwarder"],
+        "forwarder-smtp": ["forwarder"],
         "haproxy": ["haproxy"], "haproxy-tuned": ["haproxy"], "socat": ["socat"],
         "xinetd": ["xinetd"], "systemd-socket-proxyd": ["systemd-socket-activate", PROXYD],
     }
@@ -408,9 +412,10 @@ def start_row(name: str, backend: int, tmp: Path) -> Row:
     cmd: list[str]
     if name.startswith("forwarder"):
         relay = "protocol" if name == "forwarder-protocol" else "splice"
+        kind = "smtp" if name == "forwarder-smtp" else "tcp"  # mode follows the probe kind
         cmd = [str(forwarder_exe()), "--listen", f"{HOST}:{port}", "--backend", be,
-               "--probe", "tcp", "--relay", relay, "--admin", f"{HOST}:{free_port()}",
-               "--log-level", "info"]
+               "--probe", kind, "--mode", kind, "--relay", relay,
+               "--admin", f"{HOST}:{free_port()}", "--log-level", "info"]
     elif name.startswith("haproxy"):
         cfg = d / "haproxy.cfg"
         cfg.write_text(haproxy_cfg(port, backend, tuned=name == "haproxy-tuned"))
@@ -579,6 +584,12 @@ class Results:
         vals = self.samples.get(row, {}).get(key)
         return statistics.median(vals) if vals else None
 
+    def seen(self, names: list[str], rows: list[Row]) -> None:
+        """Rows that ran in some workload, in the order asked for (not every row runs
+        every workload)."""
+        have = set(self.rows) | {r.name for r in rows}
+        self.rows = [n for n in names if n in have]
+
 
 def interleave(rows: list[Row], reps: int, what: str, fn: Callable[[Row], None]) -> None:
     for rep in range(reps):
@@ -607,8 +618,9 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
     try:
         if "bulk" in workloads:
             be.start("iperf3")
-            with rows_running(names, be.port, tmp, res.skipped) as rows:
-                res.rows = [r.name for r in rows]
+            with rows_running([n for n in names if n not in NO_BULK], be.port, tmp,
+                              res.skipped) as rows:
+                res.seen(names, rows)
                 for streams in (1, 8):
                     def bulk(r: Row, streams: int = streams) -> None:
                         cpu0 = tree_cpu_seconds(r.proc.pid) if r.proc else 0.0
@@ -631,7 +643,7 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                 be.start("smtp-sink", (sink, env))
                 with rows_running([n for n in names if n not in res.skipped], be.port, tmp,
                                   res.skipped) as rows:
-                    res.rows = res.rows or [r.name for r in rows]
+                    res.seen(names, rows)
 
                     def smtp(r: Row) -> None:
                         rate = smtp_rate(source, env, r.port, mode.smtp_msgs)
@@ -644,7 +656,7 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
             be.start("load")
             with rows_running([n for n in names if n not in res.skipped], be.port, tmp,
                               res.skipped) as rows:
-                res.rows = res.rows or [r.name for r in rows]
+                res.seen(names, rows)
                 time.sleep(0.5)
                 for r in rows:
                     if r.proc is not None:
