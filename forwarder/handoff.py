@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 from . import proxy_protocol
 from .splice import COPY_MAX, PipeSplice
+from .system import tune
 
 if TYPE_CHECKING:
     from .backends import Backend
-    from .config import ListenerConfig
     from .gate import Address
     from .listener import Listener
 
@@ -32,15 +32,6 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 # what a read reports when the connect itself failed (refused, no route, SYNs unanswered)
 _CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                              errno.ETIMEDOUT, errno.EHOSTDOWN, errno.ENETDOWN})
-
-
-def tune(sock: socket.socket, cfg: ListenerConfig) -> None:
-    """`nodelay` / `keepalive` on a backend socket, before its connect.  (The client side
-    inherits them from the listening socket: see Listener.apply_socket_options.)"""
-    if cfg.nodelay:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if cfg.keepalive:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 class Handoff:
@@ -177,8 +168,7 @@ class Handoff:
             self._failed("greeting", "closed or reset before a greeting")
             return
         self.deadline = math.inf
-        if not self.lst.cfg.send_proxy:
-            # direct-to-greeting: the connect is not timed apart from the greeting
+        if self.step == "direct":  # the connect is not timed apart from the greeting
             b.metrics.connect.observe(self.lst.loop.time() - self.t0)
         self.lst.poller.drop_reader(bs.fileno())  # re-armed as it is by PipeSplice.start
         self._splice(greeting)

@@ -21,12 +21,13 @@ from .access import Access
 from .backends import Backend, Pool
 from .config import ListenerConfig
 from .gate import Address, Gate
-from .handoff import Handoff, tune
+from .handoff import Handoff
 from .logs import Sampler
 from .metrics import ListenerMetrics
 from .relay import Splice
 from .splice import COPY_MAX, PipeSplice, Poller, poll_connect, poll_readable
 from .splice import available as splice_available
+from .system import tune
 
 log = structlog.get_logger("forwarder.listener")
 
@@ -72,18 +73,14 @@ class Listener:
         self.apply_socket_options()
 
     def apply_socket_options(self) -> None:
-        """`nodelay` and `keepalive` go on the listening sockets: every accepted socket
-        inherits both from its listener (Linux), so the client side costs no syscall per
-        connection.  Re-applied on reload; affects connections accepted from then on."""
+        """`nodelay` and `keepalive` on the listening sockets, inherited by every accepted
+        one.  Re-applied on reload; affects connections accepted from then on."""
         for s in self.gate.socks:
-            for level, opt, on in ((socket.IPPROTO_TCP, socket.TCP_NODELAY, self.cfg.nodelay),
-                                   (socket.SOL_SOCKET, socket.SO_KEEPALIVE,
-                                    self.cfg.keepalive)):
-                try:
-                    s.setsockopt(level, opt, int(on))
-                except OSError as e:
-                    log.warning("listener.sockopt_failed", listener=self.cfg.name,
-                                option=opt, error=e.strerror)
+            try:
+                tune(s, self.cfg, explicit=True)
+            except OSError as e:
+                log.warning("listener.sockopt_failed", listener=self.cfg.name,
+                            error=e.strerror)
 
     @property
     def use_splice(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,6 +27,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 
@@ -88,53 +90,48 @@ class Buckets:
 
 
 class HotFamily:
-    """A labelled family of Tally or Buckets children; `labels()` returns the same child
-    for the same values, so a listener re-created by a reload keeps counting on."""
+    """A labelled counter or gauge family of Tally children; `labels()` returns the same
+    child for the same values, so a listener re-created by a reload keeps counting on."""
 
-    def __init__(self, name: str, doc: str, kind: str, labelnames: Sequence[str],
-                 buckets: tuple[float, ...] = ()) -> None:
-        self.name, self.doc, self.kind = name, doc, kind
-        self.labelnames = list(labelnames)
-        self.bounds = buckets
-        self.children: dict[tuple[str, ...], Tally | Buckets] = {}
+    def __init__(self, name: str, doc: str, kind: str, labelnames: Sequence[str]) -> None:
+        self.name, self.doc, self.labelnames = name, doc, list(labelnames)
+        self.metric_family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        self.children: dict[tuple[str, ...], Tally] = {}
 
     def labels(self, *values: str) -> Tally:
-        assert self.kind != "histogram"
-        child = self.children.setdefault(values, Tally())
-        assert isinstance(child, Tally)
-        return child
-
-    def buckets(self, *values: str) -> Buckets:
-        assert self.kind == "histogram"
-        child = self.children.setdefault(values, Buckets(self.bounds))
-        assert isinstance(child, Buckets)
-        return child
+        return self.children.setdefault(values, Tally())
 
     def family(self) -> Metric:
-        if self.kind == "histogram":
-            h = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
-            for values, child in self.children.items():
-                assert isinstance(child, Buckets)
-                cum, out = 0, []
-                for bound, n in zip((*self.bounds, float("inf")), child.counts, strict=True):
-                    cum += n
-                    out.append((_le(bound), float(cum)))
-                h.add_metric(list(values), out, child.sum)
-            return h
-        fam = (CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily)(
-            self.name, self.doc, labels=self.labelnames)
+        fam = self.metric_family(self.name, self.doc, labels=self.labelnames)
         for values, child in self.children.items():
-            assert isinstance(child, Tally)
             fam.add_metric(list(values), child.value)
         return fam
 
 
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(float(bound))
+class HotHistogram:
+    """A labelled histogram family of Buckets children (same `labels()` contract)."""
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str],
+                 buckets: tuple[float, ...]) -> None:
+        self.name, self.doc, self.labelnames = name, doc, list(labelnames)
+        self.bounds = buckets
+        self.children: dict[tuple[str, ...], Buckets] = {}
+
+    def labels(self, *values: str) -> Buckets:
+        return self.children.setdefault(values, Buckets(self.bounds))
+
+    def family(self) -> Metric:
+        h = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        les = [floatToGoString(b)  # type: ignore[no-untyped-call]
+               for b in (*self.bounds, float("inf"))]
+        for values, child in self.children.items():
+            h.add_metric(list(values), list(zip(les, accumulate(child.counts), strict=True)),
+                         child.sum)
+        return h
 
 
 class _HotCollector(Collector):
-    def __init__(self, families: list[HotFamily]) -> None:
+    def __init__(self, families: list[HotFamily | HotHistogram]) -> None:
         self.families = families
 
     def collect(self) -> Iterator[Metric]:
@@ -168,18 +165,17 @@ connections = HotFamily("forwarder_connections_total", "Connections by outcome",
                         ["listener", "outcome"])
 connections_active = HotFamily("forwarder_connections_active", "Connections being relayed now",
                                "gauge", ["listener"])
-backend_connect = HotFamily("forwarder_backend_connect_seconds",
-                            "Time until a backend connection was usable: connected (tcp mode, "
-                            "or with send_proxy), greeted (smtp mode)", "histogram",
-                            ["backend"],
-                            buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05,
-                                     .1, .25, .5, 1, 2.5, 5))
+backend_connect = HotHistogram("forwarder_backend_connect_seconds",
+                               "Time until a backend connection was usable: connected (tcp "
+                               "mode, or with send_proxy), greeted (smtp mode)", ["backend"],
+                               buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025,
+                                        .05, .1, .25, .5, 1, 2.5, 5))
 splice_bytes = HotFamily("forwarder_splice_bytes_total", "Bytes relayed, by direction",
                          "counter", ["listener", "direction"])
-splice_duration = HotFamily("forwarder_splice_duration_seconds",
-                            "Lifetime of relayed connections", "histogram", ["listener"],
-                            buckets=(.001, .005, .01, .05, .1, .5, 1, 5, 10, 30, 60, 300, 900,
-                                     3600))
+splice_duration = HotHistogram("forwarder_splice_duration_seconds",
+                               "Lifetime of relayed connections", ["listener"],
+                               buckets=(.001, .005, .01, .05, .1, .5, 1, 5, 10, 30, 60, 300,
+                                        900, 3600))
 REGISTRY.register(_HotCollector([connections, connections_active, backend_connect,
                                  splice_bytes, splice_duration]))
 dns_lookups = Counter("forwarder_dns_lookups_total", "Peer discovery lookups by result",
@@ -203,7 +199,7 @@ class ListenerMetrics:
         self.active.set(0)
         self.bytes_up = splice_bytes.labels(listener, DIRECTIONS[0])
         self.bytes_down = splice_bytes.labels(listener, DIRECTIONS[1])
-        self.duration = splice_duration.buckets(listener)
+        self.duration = splice_duration.labels(listener)
         for reason in ("probe", "drain", "shutdown"):
             for state in ("open", "closed"):
                 gate_transitions.labels(listener, state, reason)
@@ -219,7 +215,7 @@ class BackendMetrics:
         self.up.set(0)
         self.probe_duration = probe_duration.labels(backend)
         self.probe = {r: probes.labels(backend, r) for r in PROBE_RESULTS}
-        self.connect = backend_connect.buckets(backend)
+        self.connect = backend_connect.labels(backend)
         self.passive = {r: passive_failures.labels(backend, r)
                         for r in ("connect", "greeting")}
         self.name = backend

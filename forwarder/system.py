@@ -17,7 +17,7 @@ import stat
 
 import structlog
 
-from .config import Endpoint
+from .config import Endpoint, ListenerConfig
 
 log = structlog.get_logger("forwarder.system")
 
@@ -51,6 +51,17 @@ def bind(ep: Endpoint, *, reuse_port: bool = False) -> socket.socket:
         raise SystemError_(f"cannot bind {ep}: {e.strerror}{hint}") from None
     sock.setblocking(False)
     return sock
+
+
+def tune(sock: socket.socket, cfg: ListenerConfig, *, explicit: bool = False) -> None:
+    """`nodelay` / `keepalive` from the listener's config.  A backend socket gets only what
+    is on (one syscall per connection with the defaults); a listening socket (`explicit`)
+    gets both set either way, so a reload can turn one off.  Accepted sockets inherit both
+    from their listening socket (Linux), so the client side costs nothing per connection."""
+    if cfg.nodelay or explicit:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(cfg.nodelay))
+    if cfg.keepalive or explicit:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(cfg.keepalive))
 
 
 class ActivatedSocket(socket.socket):
