@@ -14,8 +14,11 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__, logs, system
-from .config import Config, ConfigError, from_cli, load_toml, to_dict, to_toml
+from . import __version__
+from .config.cli_args import from_cli
+from .config.model import Config, ConfigError
+from .config.toml import load_toml, to_dict, to_toml
+from .ops import logs, system
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_SYSTEM = 0, 1, 2, 3
 COMMANDS = ("run", "check-config", "convert-xinetd", "status")
@@ -55,7 +58,7 @@ def _oneliner_parser() -> argparse.ArgumentParser:
 
 
 def _load_xinetd(path: str, skip: bool) -> Config:
-    from . import xinetd
+    from .config import xinetd
     return xinetd.load(path, skip_unsupported=skip)
 
 
@@ -181,7 +184,7 @@ def _preimport() -> None:
     installation may not be readable any more (a pyenv under /root, for one)."""
     import importlib
 
-    for name in ("concurrent.futures.thread", "forwarder.admin", "forwarder.discovery",
+    for name in ("concurrent.futures.thread", "forwarder.ops.admin", "forwarder.health.discovery",
                  "encodings.idna", "encodings.ascii"):
         importlib.import_module(name)
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import structlog
 
-from . import __version__, system
-from .config import Config, ConfigError, ListenerConfig
-from .listener import Listener
+from . import __version__
+from .config.model import Config, ConfigError, ListenerConfig
+from .ops import system
+from .traffic.listener import Listener
 
 log = structlog.get_logger("forwarder.service")
 
@@ -132,7 +133,7 @@ class Service:
 
     async def _start_extras(self) -> None:
         """Admin endpoint and DNS discovery: each returns an async closer."""
-        from . import admin
+        from .ops import admin
 
         if self.cfg.admin is not None:
             self.extras.append(await admin.start(self.cfg.admin, self))
@@ -140,7 +141,7 @@ class Service:
 
     def _sync_discovery(self) -> None:
         """One DNS discovery task per listener that asks for it (also after a reload)."""
-        from . import discovery
+        from .health import discovery
 
         for name, lst in self.listeners.items():
             if lst.cfg.discovery is not None and name not in self.discoveries:

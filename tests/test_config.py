@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forwarder.config import ConfigError, load_toml, parse_toml, to_toml
+from forwarder.config.model import ConfigError
+from forwarder.config.toml import load_toml, parse_toml, to_toml
 
 from .helpers import run_cli
 
@@ -147,7 +148,7 @@ def test_arbitrary_text_gives_config_or_config_error(text: str) -> None:
 def test_arbitrary_structures_give_config_or_config_error(top: dict[str, object],
                                                          listeners: list[dict[str, object]]
                                                          ) -> None:
-    from forwarder.config import _config_from_dict
+    from forwarder.config.toml import _config_from_dict
     data = dict(top)
     if listeners:
         data["listener"] = listeners

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from forwarder.discovery import parse_nameserver
+from forwarder.health.discovery import parse_nameserver
 
 from .dnsserver import DnsServer
 from .helpers import (

@@ -7,10 +7,10 @@ import errno
 import signal
 import socket
 
-from forwarder.config import Endpoint
-from forwarder.gate import Gate
-from forwarder.metrics import ListenerMetrics
-from forwarder.system import bind
+from forwarder.config.model import Endpoint
+from forwarder.ops.metrics import ListenerMetrics
+from forwarder.ops.system import bind
+from forwarder.traffic.gate import Gate
 
 from .helpers import SmtpBackend, forwarder, free_port, smtp_reply, toml_listener, wait_port
 

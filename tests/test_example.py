@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import smtplib
 
-from forwarder.config import load_toml
+from forwarder.config.toml import load_toml
 
 from .helpers import ROOT, Forwarder, SmtpBackend, connect_result, run_cli, wait_port
 

@@ -122,9 +122,9 @@ def test_no_backend_421_when_the_gate_is_open_without_a_live_backend() -> None:
     in-process, with the gate forced open while the pool has no live backend."""
     import asyncio
 
-    from forwarder.config import BackendConfig, Endpoint, ListenerConfig, ProbeConfig
-    from forwarder.listener import Listener
-    from forwarder.system import bind
+    from forwarder.config.model import BackendConfig, Endpoint, ListenerConfig, ProbeConfig
+    from forwarder.ops.system import bind
+    from forwarder.traffic.listener import Listener
 
     async def main() -> bytes:
         port, dead = free_port(), free_port()

@@ -13,7 +13,7 @@ from aiosmtpd.proxy_protocol import get_proxy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forwarder.proxy_protocol import header
+from forwarder.net.proxy_protocol import header
 
 from .helpers import SmtpBackend, forwarder, free_port, toml_listener, wait_port
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from forwarder import xinetd
-from forwarder.config import (
+from forwarder.config import xinetd
+from forwarder.config.model import (
     AccessConfig,
     BackendConfig,
     Config,
@@ -19,9 +19,8 @@ from forwarder.config import (
     Cps,
     Endpoint,
     ProbeConfig,
-    parse_toml,
-    to_toml,
 )
+from forwarder.config.toml import parse_toml, to_toml
 from tests.helpers import ROOT, run_cli
 
 DATA = ROOT / "tests" / "data" / "xinetd"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 import structlog
 
-from .config import AccessConfig, ConfigError
+from ..config.model import AccessConfig, ConfigError
 
 log = structlog.get_logger("forwarder.access")
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import structlog
 
-from .metrics import ListenerMetrics, accept_errors
+from ..ops.metrics import ListenerMetrics, accept_errors
 
 log = structlog.get_logger("forwarder.gate")
 

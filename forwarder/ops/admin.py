@@ -19,11 +19,11 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..config.model import Endpoint
 from . import metrics
-from .config import Endpoint
 
 if TYPE_CHECKING:
-    from .service import Service
+    from ..service import Service
 
 log = structlog.get_logger("forwarder.admin")
 

@@ -16,18 +16,18 @@ from typing import Any
 
 import structlog
 
-from . import proxy_protocol
+from ..config.model import ListenerConfig
+from ..health.backends import Backend, Pool
+from ..net import proxy_protocol
+from ..ops.logs import Sampler
+from ..ops.metrics import ListenerMetrics
+from ..ops.system import tune
 from .access import Access
-from .backends import Backend, Pool
-from .config import ListenerConfig
 from .gate import Address, Gate
 from .handoff import Handoff
-from .logs import Sampler
-from .metrics import ListenerMetrics
 from .relay import Splice
 from .splice import COPY_MAX, PipeSplice, Poller, poll_connect, poll_readable
 from .splice import available as splice_available
-from .system import tune
 
 log = structlog.get_logger("forwarder.listener")
 

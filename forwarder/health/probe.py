@@ -13,8 +13,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from . import proxy_protocol
-from .config import Endpoint, ProbeKind
+from ..config.model import Endpoint, ProbeKind
+from ..net import proxy_protocol
 
 
 @dataclass(frozen=True)

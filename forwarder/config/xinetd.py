@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from .config import (
+from .model import (
     AccessConfig,
     BackendConfig,
     Config,

@@ -53,11 +53,11 @@ import dns.resolver
 import dns.update  # a garbled reply that claims opcode UPDATE makes dnspython import it
 import structlog
 
-from . import metrics
-from .config import BackendConfig, DiscoveryConfig, Endpoint
+from ..config.model import BackendConfig, DiscoveryConfig, Endpoint
+from ..ops import metrics
 
 if TYPE_CHECKING:
-    from .listener import Listener
+    from ..traffic.listener import Listener
 
 # ... and every other record type a (garbled) reply could name, with dynamic loading off:
 # after the privilege drop an import from the Python installation may fail.

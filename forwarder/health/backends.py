@@ -19,8 +19,8 @@ from typing import Any
 
 import structlog
 
-from .config import BackendConfig, Endpoint, ProbeConfig
-from .metrics import BackendMetrics
+from ..config.model import BackendConfig, Endpoint, ProbeConfig
+from ..ops.metrics import BackendMetrics
 from .probe import ProbeResult, probe
 
 log = structlog.get_logger("forwarder.backends")

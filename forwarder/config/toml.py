@@ -1,8 +1,8 @@
-"""Typed, validated configuration.
+"""The TOML config file: reader (every error names file, line and key) and printer.
 
-The config is inert data: `load_toml()` / `from_cli()` build it, everything else only reads
-it.  Every validation error names the file, the line (when the source has lines) and the
-dotted key, because the person reading it is an operator at 3 a.m. with a mail queue growing.
+tomllib reports no positions for valid documents, so `_key_lines` maps dotted keys to
+lines by scanning the text; `_Reader` walks the tables, checks types and rejects unknown
+keys.  `to_toml` prints a Config back so that `parse_toml(to_toml(cfg)) == cfg`.
 """
 
 from __future__ import annotations
@@ -10,205 +10,27 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Mode = Literal["smtp", "tcp"]
-ProbeKind = Literal["tcp", "smtp"]
-GatePolicy = Literal["local", "any"]
-ProxyVersion = Literal["v1", "v2"]
-RelayKind = Literal["auto", "protocol", "splice"]
-
-
-class ConfigError(Exception):
-    """A bad configuration, with enough context to find and fix it."""
-
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 key: str | None = None) -> None:
-        self.message = message
-        self.file = file
-        self.line = line
-        self.key = key
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = self.file or "<config>"
-        if self.line is not None:
-            where += f":{self.line}"
-        if self.key:
-            return f"{where}: {self.key}: {self.message}"
-        return f"{where}: {self.message}"
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A host (name, IPv4 or IPv6 literal) and a port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    kind: ProbeKind = "tcp"
-    interval: float = 2.0
-    # While a rise/fall is pending, probe this often (HAProxy's fastinter): a state change
-    # is confirmed in a fraction of a second instead of `rise` full intervals.
-    fast_interval: float = 0.25
-    timeout: float = 2.0
-    rise: int = 2
-    fall: int = 2
-    jitter: float = 0.1
-
-
-@dataclass(frozen=True)
-class BackendConfig:
-    endpoint: Endpoint
-    priority: int = 0
-    # The local backend decides the gate under policy "local"; the first backend is local
-    # unless one is marked explicitly.
-    local: bool = False
-    probe: ProbeConfig | None = None  # None: the listener's probe
-
-    @property
-    def name(self) -> str:
-        return str(self.endpoint)
-
-
-@dataclass(frozen=True)
-class DiscoveryConfig:
-    """Peers found in DNS: the MX hosts of a domain, or the targets of an SRV name."""
-
-    mx: str | None = None
-    srv: str | None = None
-    port: int = 8025
-    ttl_min: float = 30.0
-    ttl_max: float = 3600.0
-    timeout: float = 5.0
-    nameservers: tuple[str, ...] = ()
-    resolv_conf: str | None = None
-    exclude: tuple[str, ...] = ()  # extra names/addresses to treat as "this host"
-    priority_offset: int = 100  # discovered peers rank after static backends
-
-
-@dataclass(frozen=True)
-class Cps:
-    rate: int
-    pause: float
-
-
-@dataclass(frozen=True)
-class AccessConfig:
-    only_from: tuple[str, ...] = ()
-    no_access: tuple[str, ...] = ()
-    instances: int | None = None
-    per_source: int | None = None
-    cps: Cps | None = None
-
-
-@dataclass(frozen=True)
-class ListenerConfig:
-    name: str
-    addresses: tuple[str, ...]
-    port: int
-    backends: tuple[BackendConfig, ...]
-    mode: Mode = "smtp"
-    backlog: int = 511
-    gate: GatePolicy = "local"
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    connect_timeout: float = 5.0
-    idle_timeout: float = 600.0
-    greeting_timeout: float = 10.0
-    send_proxy: ProxyVersion | None = None
-    hostname: str | None = None  # for the 421 text; default: this host's FQDN
-    discovery: DiscoveryConfig | None = None
-    access: AccessConfig = field(default_factory=AccessConfig)
-    reuse_port: bool = False
-    nodelay: bool = True
-    keepalive: bool = False
-    relay: RelayKind = "auto"
-
-    @property
-    def endpoints(self) -> tuple[Endpoint, ...]:
-        return tuple(Endpoint(a, self.port) for a in self.addresses)
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    format: Literal["auto", "json", "console"] = "auto"
-    level: Literal["debug", "info", "warning", "error"] = "info"
-
-
-@dataclass(frozen=True)
-class Config:
-    listeners: tuple[ListenerConfig, ...]
-    user: str | None = None  # None: "nobody" when started as root, else stay as we are
-    group: str | None = None
-    drain_timeout: float = 30.0
-    admin: Endpoint | None = None
-    log: LogConfig = field(default_factory=LogConfig)
-    source: str = "<cli>"
-
-
-# ---------------------------------------------------------------------------------------
-# parsing helpers
-
-
-_ADDR_RE = re.compile(r"^\[(?P<v6>[^\]]+)\]:(?P<p1>\d+)$|^(?P<host>[^:\[\]]+):(?P<p2>\d+)$")
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
-
-
-def check_port(value: Any, key: str, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"port must be an integer, got {value!r}", key=key)
-    low = 0 if allow_zero else 1
-    if not low <= value <= 65535:
-        raise ConfigError(f"port must be in {low}..65535, got {value}", key=key)
-    return value
-
-
-def check_host(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"address must be a non-empty string, got {value!r}", key=key)
-    host = value[1:-1] if value.startswith("[") and value.endswith("]") else value
-    try:
-        ipaddress.ip_address(host)
-        return host
-    except ValueError:
-        pass
-    if _HOSTNAME_RE.match(host) and not host.replace(".", "").isdigit():
-        return host
-    raise ConfigError(f"not an IP address or host name: {value!r}", key=key)
-
-
-def parse_endpoint(value: Any, key: str) -> Endpoint:
-    """Parse "host:port" or "[v6]:port"."""
-    if not isinstance(value, str):
-        raise ConfigError(f"expected \"HOST:PORT\", got {value!r}", key=key)
-    m = _ADDR_RE.match(value.strip())
-    if not m:
-        raise ConfigError(f"expected \"HOST:PORT\" or \"[IPv6]:PORT\", got {value!r}", key=key)
-    host = m.group("v6") or m.group("host")
-    port = int(m.group("p1") or m.group("p2"))
-    return Endpoint(check_host(host, key), check_port(port, key))
-
-
-def check_network(value: Any, key: str) -> str:
-    """Validate an access-list entry: an address, a CIDR network or a host name."""
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"expected an address, network or host name, got {value!r}", key=key)
-    v = value.strip()
-    try:
-        ipaddress.ip_network(v, strict=False)
-        return v
-    except ValueError:
-        pass
-    check_host(v, key)
-    return v
+from .model import (
+    AccessConfig,
+    BackendConfig,
+    Config,
+    ConfigError,
+    Cps,
+    DiscoveryConfig,
+    Endpoint,
+    ListenerConfig,
+    LogConfig,
+    ProbeConfig,
+    ProbeKind,
+    check_host,
+    check_network,
+    check_port,
+    parse_endpoint,
+)
 
 
 class _Reader:
@@ -550,42 +372,6 @@ def _access(r: _Reader) -> AccessConfig:
                      per_source=r.integer("per_source", None), cps=cps)
     r.done()
     return a
-
-
-# ---------------------------------------------------------------------------------------
-# CLI one-liner
-
-
-def from_cli(listen: str, backends: list[str], *, probe: ProbeKind | None = None,
-             mode: Mode | None = None, user: str | None = None, group: str | None = None,
-             admin: str | None = None, interval: float | None = None,
-             relay: RelayKind | None = None) -> Config:
-    """Build a config from `--listen/--backend` flags; errors name the flag."""
-    lep = _flag(parse_endpoint, listen, "--listen")
-    if not backends:
-        raise ConfigError("missing: at least one --backend HOST:PORT", key="--backend")
-    beps = [_flag(parse_endpoint, b, "--backend") for b in backends]
-    if mode is None:
-        mode = "smtp" if probe == "smtp" or lep.port == 25 else "tcp"
-    kind: ProbeKind = probe or ("smtp" if mode == "smtp" else "tcp")
-    pc = ProbeConfig(kind=kind)
-    if interval is not None:
-        if interval <= 0:
-            raise ConfigError(f"must be > 0, got {interval}", key="--interval")
-        pc = replace(pc, interval=interval)
-    lc = ListenerConfig(
-        name="default", addresses=(lep.host,), port=lep.port,
-        backends=tuple(BackendConfig(ep, priority=i, local=i == 0) for i, ep in enumerate(beps)),
-        mode=mode, probe=pc, gate="local", relay=relay or "auto")
-    return Config(listeners=(lc,), user=user, group=group,
-                  admin=_flag(parse_endpoint, admin, "--admin") if admin else None)
-
-
-def _flag(fn: Any, value: str, flag: str) -> Any:
-    try:
-        return fn(value, flag)
-    except ConfigError as e:
-        raise ConfigError(e.message, key=flag) from None
 
 
 # ---------------------------------------------------------------------------------------

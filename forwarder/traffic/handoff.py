@@ -19,12 +19,12 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from . import proxy_protocol
+from ..net import proxy_protocol
+from ..ops.system import tune
 from .splice import COPY_MAX, PipeSplice
-from .system import tune
 
 if TYPE_CHECKING:
-    from .backends import Backend
+    from ..health.backends import Backend
     from .gate import Address
     from .listener import Listener
 

@@ -17,7 +17,7 @@ import stat
 
 import structlog
 
-from .config import Endpoint, ListenerConfig
+from ..config.model import Endpoint, ListenerConfig
 
 log = structlog.get_logger("forwarder.system")
 
