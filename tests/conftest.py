@@ -30,9 +30,17 @@ def tool() -> Callable[[str], str]:
     return need_tool
 
 
+# Every process this test session starts inherits this variable; a forwarder carrying it is
+# ours.  Another pytest session on the same checkout (a second terminal) has its own value,
+# so one session never counts or kills the other's forwarders.
+SESSION_VAR = "FORWARDER_TEST_SESSION"
+os.environ[SESSION_VAR] = f"{os.getpid()}-{time.time_ns()}"
+
+
 def _forwarders() -> set[int]:
-    """Live (non-zombie) processes running this checkout's forwarder."""
+    """Live (non-zombie) processes running this checkout's forwarder for this session."""
     marker = str(Path(__file__).resolve().parent.parent).encode()
+    session = f"{SESSION_VAR}={os.environ[SESSION_VAR]}".encode()
     found = set()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -40,9 +48,11 @@ def _forwarders() -> set[int]:
         try:
             cmd = (d / "cmdline").read_bytes()
             state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            env = (d / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if state != "Z" and b"forwarder" in cmd and marker in cmd and b"pytest" not in cmd:
+        if (state != "Z" and b"forwarder" in cmd and marker in cmd and b"pytest" not in cmd
+                and session in env):
             found.add(int(d.name))
     return found
 
