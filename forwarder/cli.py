@@ -164,6 +164,7 @@ def _run(cfg: Config, ns: argparse.Namespace, reloader: Callable[[], Config] | N
             address=":".join(map(str, s.getsockname()[:2])))
 
     socks = bind_all(cfg, activated)
+    admin_sock = system.bind(cfg.admin, claim=False) if cfg.admin is not None else None
     system.log.debug("rlimit.nofile", soft=system.raise_nofile())
     loop_factory = _loop_factory()
     _preimport()
@@ -173,7 +174,8 @@ def _run(cfg: Config, ns: argparse.Namespace, reloader: Callable[[], Config] | N
         raise system.SystemError_(f"cannot drop privileges: {e}") from None
 
     async def go() -> int:
-        return await Service(cfg, socks, reloader=reloader, activated=bool(activated)).run()
+        return await Service(cfg, socks, reloader=reloader, activated=bool(activated),
+                             admin_sock=admin_sock).run()
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(go())

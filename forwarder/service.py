@@ -91,9 +91,11 @@ def cli_listener_for_activation(cfg: Config, activated: list[socket.socket]) -> 
 
 class Service:
     def __init__(self, cfg: Config, socks: dict[str, list[socket.socket]], *,
-                 reloader: Reloader | None = None, activated: bool = False) -> None:
+                 reloader: Reloader | None = None, activated: bool = False,
+                 admin_sock: socket.socket | None = None) -> None:
         self.cfg = cfg
         self.socks = socks
+        self.admin_sock = admin_sock
         self.reloader = reloader
         self.activated = activated
         self.listeners: dict[str, Listener] = {}
@@ -135,8 +137,8 @@ class Service:
         """Admin endpoint and DNS discovery: each returns an async closer."""
         from .ops import admin
 
-        if self.cfg.admin is not None:
-            self.extras.append(await admin.start(self.cfg.admin, self))
+        if self.admin_sock is not None:
+            self.extras.append(await admin.start(self.admin_sock, self))
         self._sync_discovery()
 
     def _sync_discovery(self) -> None:
@@ -245,6 +247,12 @@ class Service:
         return {"version": __version__, "pid": os.getpid(),
                 "tasks": len(asyncio.all_tasks()), "fds": fds,
                 "listeners": [lst.status() for lst in self.listeners.values()]}
+
+    def readiness(self) -> list[str]:
+        """Why this forwarder is not ready, one line per listener whose gate is not open
+        ([] when every gate is open): for /readyz."""
+        return [f"{lst.cfg.name}: gate closed ({lst.gate.reason})"
+                for lst in self.listeners.values() if not lst.gate.is_open]
 
     def drain(self, name: str | None = None) -> list[str]:
         out = []

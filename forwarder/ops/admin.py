@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -105,10 +106,9 @@ class Admin:
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
-            closed = [lst.cfg.name for lst in self.service.listeners.values()
-                      if not lst.gate.is_open]
-            if closed:
-                return 503, "text/plain", f"gate closed: {', '.join(closed)}\n".encode()
+            why = self.service.readiness()
+            if why:
+                return 503, "text/plain", "".join(f"{w}\n" for w in why).encode()
             return 200, "text/plain", b"ready\n"
         if path == "/status":
             return 200, "application/json", _json(self.service.status())
@@ -119,11 +119,12 @@ def _json(data: Any) -> bytes:
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
-async def start(endpoint: Endpoint, service: Service) -> Callable[[], Awaitable[None]]:
-    """Start serving on `endpoint`; return an async function that stops it."""
+async def start(sock: socket.socket, service: Service) -> Callable[[], Awaitable[None]]:
+    """Serve on `sock` (bound before the privilege drop); return an async stopper."""
+    host, port = sock.getsockname()[:2]
+    endpoint = Endpoint(host, port)
     admin = Admin(endpoint, service)
-    server = await asyncio.start_server(admin.handle, endpoint.host, endpoint.port,
-                                        limit=MAX_REQUEST, reuse_address=True)
+    server = await asyncio.start_server(admin.handle, sock=sock, limit=MAX_REQUEST)
     log.info("admin.listening", address=str(endpoint))
 
     async def close() -> None:

@@ -18,6 +18,7 @@ import stat
 import structlog
 
 from ..config.model import Endpoint, ListenerConfig
+from ..net.sockets import unlisten
 
 log = structlog.get_logger("forwarder.system")
 
@@ -28,8 +29,10 @@ class SystemError_(Exception):
     """A start-up failure of the environment (bind, user lookup, privilege drop)."""
 
 
-def bind(ep: Endpoint, *, reuse_port: bool = False) -> socket.socket:
-    """Create a bound, non-listening TCP socket (refuses connections until listen())."""
+def bind(ep: Endpoint, *, reuse_port: bool = False, claim: bool = True) -> socket.socket:
+    """Create a bound, non-listening TCP socket (refuses connections until listen()).
+
+    `claim`: see claim(); the admin socket is not a gate and skips it."""
     try:
         infos = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
@@ -38,19 +41,72 @@ def bind(ep: Endpoint, *, reuse_port: bool = False) -> socket.socket:
     family, stype, proto, _, addr = infos[0]
     sock = socket.socket(family, stype, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(addr)
+        # without SO_REUSEADDR first: then no other socket may share the port (see
+        # net/sockets.py); a previous instance's TIME_WAIT leftovers need it on
+        shared = not claim
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(shared))
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or shared:
+                raise
+            shared = True
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+        if claim and shared:
+            unlisten(sock, claim=True)
     except OSError as e:
         sock.close()
-        hint = " (ports below 1024 need root, CAP_NET_BIND_SERVICE or socket activation)" \
-            if e.errno == errno.EACCES else ""
+        hint = ""
+        if e.errno == errno.EACCES:
+            hint = " (ports below 1024 need root, CAP_NET_BIND_SERVICE or socket activation)"
+        elif e.errno == errno.EADDRINUSE:
+            holder = port_holder(ep.port)
+            hint = f" (held by {holder})" if holder else " (another process holds it)"
         raise SystemError_(f"cannot bind {ep}: {e.strerror}{hint}") from None
     sock.setblocking(False)
     return sock
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on `port`, as far as /proc shows it: "pid 123 (xinetd)", or the
+    owner's uid when its process is not visible to us, or None."""
+    inodes: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 10 or parts[3] != "0A":  # 0A: LISTEN
+                        continue
+                    if int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        inodes[parts[9]] = int(parts[7])
+        except OSError:
+            continue
+    if not inodes:
+        return None
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{d}/fd"):
+                target = os.readlink(f"/proc/{d}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    with open(f"/proc/{d}/comm", encoding="utf-8", errors="replace") as c:
+                        return f"pid {d} ({c.read().strip()})"
+        except OSError:
+            continue
+    uid = next(iter(inodes.values()))
+    try:
+        who = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        who = str(uid)
+    return f"a process of user {who}"
 
 
 def tune(sock: socket.socket, cfg: ListenerConfig, *, explicit: bool = False) -> None:

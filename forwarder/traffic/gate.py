@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import structlog
 
+from ..net.sockets import relisten, unlisten
 from ..ops.metrics import ListenerMetrics, accept_errors
 
 log = structlog.get_logger("forwarder.gate")
@@ -175,7 +176,7 @@ class Gate:
             return
         else:
             for s in self.socks:
-                s.listen(self.backlog)
+                relisten(s, self.backlog)
                 self._loop.add_reader(s.fileno(), self._accept_ready, s)
         self.is_open = True
         self._transition("open", reason)
@@ -202,7 +203,7 @@ class Gate:
             self._loop.remove_reader(s.fileno())
             self._accept_all(s, limit=None)  # the queue: answer, don't reset
             try:
-                s.shutdown(socket.SHUT_RD)
+                unlisten(s)
             except OSError as e:  # ENOTCONN on kernels without the trick: say so loudly
                 log.error("gate.unlisten_failed", listener=self.name, error=e.strerror)
             _drop_syns(s, False)
