@@ -66,7 +66,9 @@ def bind(ep: Endpoint, *, reuse_port: bool = False, claim: bool = True) -> socke
             hint = " (ports below 1024 need root, CAP_NET_BIND_SERVICE or socket activation)"
         elif e.errno == errno.EADDRINUSE:
             holder = port_holder(ep.port)
-            hint = f" (held by {holder})" if holder else " (another process holds it)"
+            hint = (f" (held by {holder})" if holder else
+                    " (another process has it bound; a forwarder whose gate is closed holds "
+                    "its port without listening, so `ss -ltnp` may not show it)")
         raise SystemError_(f"cannot bind {ep}: {e.strerror}{hint}") from None
     sock.setblocking(False)
     return sock
