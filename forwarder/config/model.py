@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Mode = Literal["smtp", "tcp"]
-ProbeKind = Literal["tcp", "smtp"]
+ProbeKind = Literal["tcp", "smtp", "http", "exec", "agent"]
+Degraded = Literal["up", "drain"]
 GatePolicy = Literal["local", "any"]
 ProxyVersion = Literal["v1", "v2"]
 RelayKind = Literal["auto", "protocol", "splice"]
@@ -48,6 +49,34 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """One health check of a backend.  Only the fields of its `kind` apply."""
+
+    kind: ProbeKind = "tcp"
+    name: str = ""  # the `check` label and the name in /status; default: the kind
+    timeout: float = 2.0
+    # smtp: after the 220 greeting, optionally EHLO, MAIL FROM, RCPT TO (each must get its
+    # 2xx), then RSET and QUIT.  None: the step is not sent.
+    ehlo: str | None = None
+    mail_from: str | None = None  # "" sends MAIL FROM:<> (a bounce address)
+    rcpt_to: str | None = None
+    # http: GET `url` (any host and port, not only the backend's); up on a 2xx, or on one
+    # of `expect_status`; a James-style JSON body {"status": "degraded"} counts as
+    # `degraded` says: up, or drain (no new connections, live ones finish)
+    url: str | None = None
+    expect_status: tuple[int, ...] = ()
+    degraded: Degraded = "up"
+    # exec: argv; exit 0 is up
+    command: tuple[str, ...] = ()
+    # agent: a TCP port on the backend's host answering one line (up/down/drain/maint)
+    port: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
 
 
 @dataclass(frozen=True)
