@@ -1,7 +1,12 @@
-"""Command line: the one-liner, `run --config`, `check-config`, `convert-xinetd`, `status`.
+"""Command line: the one-liner, `run`, `check-config`, `convert-xinetd`, `status`.
+
+Every config source goes through the same steps: read (TOML, xinetd files, flags), the
+shared checks, the command-line options on top (`--user`, `--admin`, `--log-*` ... apply
+to xinetd files too), then the load step that resolves names.  A file may be given as a
+positional argument or with --config everywhere.
 
 Exit codes: 0 ok, 1 unexpected error, 2 bad usage or bad config, 3 the environment refused
-(bind, user lookup, privilege drop).
+(a bind, a user lookup, the privilege drop).
 """
 
 from __future__ import annotations
@@ -15,13 +20,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .config.cli_args import from_cli
+from .config import load
+from .config.cli_args import Overrides, apply, from_cli
 from .config.model import Config, ConfigError
 from .config.toml import load_toml, to_dict, to_toml
 from .ops import logs, system
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_SYSTEM = 0, 1, 2, 3
 COMMANDS = ("run", "check-config", "convert-xinetd", "status")
+DEFAULT_ADMIN = "127.0.0.1:9125"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 with usage: keep that
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message}\n")
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
@@ -30,11 +43,22 @@ def _log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
 
 
+def _override_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user", help="user to drop to when started as root (default nobody; "
+                                  "root only when given explicitly)")
+    p.add_argument("--group", help="group to drop to (default: the user's group)")
+    p.add_argument("--admin", metavar="ADDR:PORT", help="admin HTTP listener (/metrics ...)")
+    _log_args(p)
+
+
 def _oneliner_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="forwarder",
-        description="Health-aware TCP port forwarder: listens only while a backend is alive. "
-                    f"Subcommands: {', '.join(COMMANDS)} (forwarder CMD --help).")
+        usage="forwarder --listen ADDR:PORT --backend HOST:PORT [options]\n"
+              "       forwarder --xinetd FILE [options]\n"
+              "       forwarder {run,check-config,convert-xinetd,status} ... "
+              "(forwarder CMD --help)",
+        description="Health-aware TCP port forwarder: listens only while a backend is alive.")
     p.add_argument("--version", action="version", version=f"forwarder {__version__}")
     p.add_argument("--listen", metavar="ADDR:PORT",
                    help="address to listen on (omit under systemd socket activation)")
@@ -44,22 +68,28 @@ def _oneliner_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("smtp", "tcp"),
                    help="smtp: 421 when no backend; tcp: close (default: smtp for port 25)")
     p.add_argument("--interval", type=float, help="probe interval in seconds (default 2)")
-    p.add_argument("--relay", choices=("auto", "protocol", "splice"),
-                   help="data path: asyncio protocols, or Linux os.splice() (default auto)")
-    p.add_argument("--user", help="user to drop to when started as root (default nobody)")
-    p.add_argument("--group", help="group to drop to (default: the user's group)")
-    p.add_argument("--admin", metavar="ADDR:PORT", help="admin HTTP listener (/metrics ...)")
     p.add_argument("--xinetd", metavar="FILE",
                    help="run the redirect services of an xinetd config file or directory")
     p.add_argument("--skip-unsupported", action="store_true",
                    help="with --xinetd: skip services we cannot run instead of refusing")
-    _log_args(p)
+    _override_args(p)
     return p
 
 
-def _load_xinetd(path: str, skip: bool) -> Config:
+def _overrides(ns: argparse.Namespace) -> Overrides:
+    return Overrides(user=ns.user, group=ns.group, admin=ns.admin,
+                     probe=getattr(ns, "probe", None), mode=getattr(ns, "mode", None),
+                     interval=getattr(ns, "interval", None), log_format=ns.log_format,
+                     log_level=ns.log_level)
+
+
+def _read_xinetd(path: str, skip: bool, o: Overrides) -> Config:
     from .config import xinetd
-    return xinetd.load(path, skip_unsupported=skip)
+    return load.resolve(apply(xinetd.load(path, skip_unsupported=skip), o))
+
+
+def _read_toml(path: str, o: Overrides) -> Config:
+    return load.resolve(apply(load_toml(path), o))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args and args[0] in COMMANDS:
             return _subcommand(args[0], args[1:])
+        if not args:
+            _oneliner_parser().print_help(sys.stderr)
+            return EXIT_CONFIG
         return _oneliner(args)
     except ConfigError as e:
         print(f"forwarder: config error: {e}", file=sys.stderr)
@@ -78,13 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _oneliner(args: list[str]) -> int:
     ns = _oneliner_parser().parse_args(args)
+    o = _overrides(ns)
     reloader: Callable[[], Config] | None = None
     activated = system.activated_sockets()
     if ns.xinetd:
+        if ns.listen or ns.backend:
+            raise ConfigError("--xinetd takes the listen address and backend from the file; "
+                              "drop --listen/--backend", key="--xinetd")
         path, skip = ns.xinetd, ns.skip_unsupported
         logs.setup(ns.log_format or "auto", ns.log_level or "info")  # skipped services
-        cfg = _load_xinetd(path, skip)
-        reloader = lambda: _load_xinetd(path, skip)  # noqa: E731
+        cfg = _read_xinetd(path, skip, o)
+        reloader = lambda: _read_xinetd(path, skip, o)  # noqa: E731
     else:
         listen = ns.listen
         if listen is None:
@@ -92,47 +129,84 @@ def _oneliner(args: list[str]) -> int:
                 raise ConfigError("missing: --listen ADDR:PORT (or run under systemd socket "
                                   "activation)", key="--listen")
             listen = "127.0.0.1:1"  # placeholder, replaced by the passed sockets
-        cfg = from_cli(listen, ns.backend, probe=ns.probe, mode=ns.mode, user=ns.user,
-                       group=ns.group, admin=ns.admin, interval=ns.interval, relay=ns.relay)
+        cfg = from_cli(listen, ns.backend, o)
         if ns.listen is None:
             from .service import cli_listener_for_activation
             cfg = cli_listener_for_activation(cfg, activated)
-    return _run(cfg, ns, reloader, activated)
+        cfg = load.resolve(cfg)
+    return _run(cfg, reloader, activated)
+
+
+def _file_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("file", nargs="?", help=what)
+    p.add_argument("--config", "-c", dest="config", metavar="FILE", help=what)
+
+
+def _file(p: argparse.ArgumentParser, ns: argparse.Namespace) -> str:
+    if ns.file and ns.config and ns.file != ns.config:
+        p.error("give the file once: positional or --config")
+    path = ns.file or ns.config
+    if not path:
+        p.error("the config file is missing")
+    return str(path)
 
 
 def _subcommand(cmd: str, args: list[str]) -> int:
-    p = argparse.ArgumentParser(prog=f"forwarder {cmd}")
+    p = _Parser(prog=f"forwarder {cmd}")
     if cmd == "run":
-        p.add_argument("--config", "-c", required=True, help="TOML config file")
-        _log_args(p)
+        _file_arg(p, "TOML config file")
+        _override_args(p)
         ns = p.parse_args(args)
-        path = ns.config
-        return _run(load_toml(path), ns, lambda: load_toml(path), system.activated_sockets())
+        path, o = _file(p, ns), _overrides(ns)
+        return _run(_read_toml(path, o), lambda: _read_toml(path, o),
+                    system.activated_sockets())
     if cmd == "check-config":
-        p.add_argument("file", help="TOML config (or xinetd file with --xinetd)")
+        _file_arg(p, "TOML config (or xinetd file with --xinetd)")
         p.add_argument("--xinetd", action="store_true", help="FILE is an xinetd config")
         p.add_argument("--skip-unsupported", action="store_true")
         p.add_argument("--json", action="store_true", help="print the effective config as JSON")
         ns = p.parse_args(args)
-        cfg = _load_xinetd(ns.file, ns.skip_unsupported) if ns.xinetd else load_toml(ns.file)
+        path = _file(p, ns)
+        cfg = (_read_xinetd(path, ns.skip_unsupported, Overrides()) if ns.xinetd
+               else _read_toml(path, Overrides()))
+        for w in cfg.warnings:
+            print(f"forwarder: warning: {w}", file=sys.stderr)
         print(json.dumps(to_dict(cfg), indent=2) if ns.json else to_toml(cfg), end="")
         return EXIT_OK
     if cmd == "convert-xinetd":
-        p.add_argument("file", help="xinetd.conf, a service file or an xinetd.d directory")
+        _file_arg(p, "xinetd.conf, a service file or an xinetd.d directory")
         p.add_argument("--skip-unsupported", action="store_true")
         ns = p.parse_args(args)
-        print(to_toml(_load_xinetd(ns.file, ns.skip_unsupported)), end="")
+        logs.setup("console", "info", stream=sys.stderr)  # the TOML goes to stdout
+        from .config import xinetd
+        cfg = xinetd.load(_file(p, ns), skip_unsupported=ns.skip_unsupported)
+        print(to_toml(cfg, from_xinetd=True), end="")
         return EXIT_OK
-    # status
-    p.add_argument("--admin", default="127.0.0.1:9125", metavar="ADDR:PORT",
-                   help="the forwarder's admin listener")
+    return _status(p, args)
+
+
+def _status(p: argparse.ArgumentParser, args: list[str]) -> int:
+    p.add_argument("--admin", metavar="ADDR:PORT",
+                   help=f"the forwarder's admin listener (default: from --config or "
+                        f"--xinetd, else {DEFAULT_ADMIN})")
+    p.add_argument("--config", "-c", metavar="FILE", help="find the admin address here")
+    p.add_argument("--xinetd", metavar="FILE", help="find the admin address here")
     p.add_argument("--json", action="store_true")
     ns = p.parse_args(args)
+    admin = ns.admin
+    if admin is None and (ns.config or ns.xinetd):
+        from .config import xinetd
+        cfg = xinetd.load(ns.xinetd) if ns.xinetd else load_toml(ns.config)
+        if cfg.admin is None:
+            raise ConfigError("has no admin address: give --admin ADDR:PORT",
+                              file=ns.config or ns.xinetd, key="admin")
+        admin = str(cfg.admin)
+    admin = admin or DEFAULT_ADMIN
     try:
-        with urllib.request.urlopen(f"http://{ns.admin}/status", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{admin}/status", timeout=5) as r:
             data = json.load(r)
     except OSError as e:
-        print(f"forwarder status: cannot reach http://{ns.admin}/status: {e}", file=sys.stderr)
+        print(f"forwarder status: cannot reach http://{admin}/status: {e}", file=sys.stderr)
         return EXIT_ERROR
     print(json.dumps(data, indent=2) if ns.json else _format_status(data))
     return EXIT_OK
@@ -145,6 +219,11 @@ def _format_status(data: dict[str, Any]) -> str:
         lines.append(f"{lst['name']} {','.join(lst['addresses'])}: gate {g['state']} "
                      f"({g['reason']}{', drained' if g.get('drained') else ''}), "
                      f"{lst['connections_active']} active")
+        if g.get("open_error"):
+            e = g["open_error"]
+            lines.append(f"  listen() failed on {e['address']}: {e['error']}"
+                         f"{' (held by ' + e['holder'] + ')' if e.get('holder') else ''}, "
+                         f"{e['failures']} attempts, retrying")
         for b in lst["backends"]:
             last = b["history"][0] if b["history"] else None
             lines.append(f"  {'UP  ' if b['up'] else 'DOWN'} {b['name']:<28} "
@@ -153,9 +232,8 @@ def _format_status(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _run(cfg: Config, ns: argparse.Namespace, reloader: Callable[[], Config] | None,
-         activated: list[Any]) -> int:
-    logs.setup(ns.log_format or cfg.log.format, ns.log_level or cfg.log.level)
+def _run(cfg: Config, reloader: Callable[[], Config] | None, activated: list[Any]) -> int:
+    logs.setup(cfg.log.format, cfg.log.level)
     from .service import Service, bind_all
 
     for s in activated:  # logged only now: logging is set up after the sockets were taken
@@ -174,7 +252,7 @@ def _run(cfg: Config, ns: argparse.Namespace, reloader: Callable[[], Config] | N
         raise system.SystemError_(f"cannot drop privileges: {e}") from None
 
     async def go() -> int:
-        return await Service(cfg, socks, reloader=reloader, activated=bool(activated),
+        return await Service(cfg, socks, reloader=reloader, activated=activated,
                              admin_sock=admin_sock).run()
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
@@ -186,8 +264,8 @@ def _preimport() -> None:
     installation may not be readable any more (a pyenv under /root, for one)."""
     import importlib
 
-    for name in ("concurrent.futures.thread", "forwarder.ops.admin", "forwarder.health.discovery",
-                 "encodings.idna", "encodings.ascii"):
+    for name in ("concurrent.futures.thread", "forwarder.ops.admin", "forwarder.config.xinetd",
+                 "forwarder.health.discovery", "encodings.idna", "encodings.ascii"):
         importlib.import_module(name)
 
 

@@ -1,13 +1,17 @@
-"""Wiring and lifecycle: bind (or adopt systemd's sockets), drop privileges, run listeners,
-handle signals.
+"""Wiring and lifecycle: listeners on the sockets bound before the privilege drop, the
+admin endpoint, signals, reload.
 
-Signal handlers only enqueue; the loop does the work (uvicorn's handle_exit habit).
+Signal handlers only enqueue; the loop does the work (uvicorn's handle_exit habit).  The
+first SIGTERM/SIGINT drains (gates closed, live splices get `drain_timeout`); a second one
+while draining resets what is left and exits 1, as uvicorn's does.  A reload re-reads the
+config in a thread (the load step resolves host names, which blocks) and applies it
+without touching live splices; what it cannot apply is logged as `reload.needs_restart`,
+naming each key.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -18,13 +22,16 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .config.model import Config, ConfigError, ListenerConfig
-from .ops import system
+from .config.checks import is_own_address
+from .config.model import Config, ConfigError, Endpoint, ListenerConfig, SockAddr
+from .net.sockets import local_addresses
+from .ops import admin, logs, supervise, system
 from .traffic.listener import Listener
 
 log = structlog.get_logger("forwarder.service")
 
 Reloader = Callable[[], Config]
+Closer = Callable[[], Awaitable[None]]
 
 
 def bind_all(cfg: Config, activated: list[socket.socket]) -> dict[str, list[socket.socket]]:
@@ -89,31 +96,39 @@ def cli_listener_for_activation(cfg: Config, activated: list[socket.socket]) -> 
     return replace(cfg, listeners=(replace(lc, addresses=tuple(addrs), port=port),))
 
 
+# the top-level keys a running process cannot change (it has dropped its privileges)
+RESTART_KEYS = ("user", "group")
+
+
 class Service:
     def __init__(self, cfg: Config, socks: dict[str, list[socket.socket]], *,
-                 reloader: Reloader | None = None, activated: bool = False,
+                 reloader: Reloader | None = None, activated: list[socket.socket] | None = None,
                  admin_sock: socket.socket | None = None) -> None:
         self.cfg = cfg
         self.socks = socks
-        self.admin_sock = admin_sock
         self.reloader = reloader
-        self.activated = activated
+        self.activated = activated or []
+        self.admin_sock = admin_sock
         self.listeners: dict[str, Listener] = {}
-        self.hostname = socket.getfqdn()
+        self.hostname = system.hostname()
         self._events: asyncio.Queue[str] = asyncio.Queue()
         self.ready = asyncio.Event()
-        self.extras: list[Callable[[], Awaitable[None]]] = []  # async closers (admin)
-        self.discoveries: dict[str, Callable[[], Awaitable[None]]] = {}  # by listener
+        self._admin_stop: Closer | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._local = local_addresses()
         self.exit_code = 0
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        for w in self.cfg.warnings:
+            log.warning("config.warning", detail=w)
         for lc in self.cfg.listeners:
-            self._add_listener(lc, self.socks[lc.name])
+            await self._add_listener(lc, self.socks[lc.name])
         for sig, ev in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop"),
                         (signal.SIGHUP, "reload")):
             loop.add_signal_handler(sig, self._events.put_nowait, ev)
-        await self._start_extras()
+        if self.admin_sock is not None:
+            self._admin_stop = await admin.start(self.admin_sock, self)
         log.info("forwarder.started", version=__version__,
                  listeners=[f"{lc.name}={','.join(map(str, lc.endpoints))}"
                             for lc in self.cfg.listeners],
@@ -121,47 +136,29 @@ class Service:
         system.sd_notify("READY=1\nSTATUS=probing backends")
         self.ready.set()
         wd = system.watchdog_interval()
-        wd_task = loop.create_task(self._watchdog(wd), name="watchdog") if wd else None
-        while True:
-            ev = await self._events.get()
-            if ev == "stop":
-                break
-            if ev == "reload":
-                await self.reload()
-        if wd_task:
-            wd_task.cancel()
-        await self.shutdown()
+        if wd:
+            self._watchdog = supervise.spawn("watchdog", _pinger(wd))
+        while await self._events.get() != "stop":
+            await self.reload()
+        await self._shutdown_or_force()
         return self.exit_code
-
-    async def _start_extras(self) -> None:
-        """Admin endpoint and DNS discovery: each returns an async closer."""
-        from .ops import admin
-
-        if self.admin_sock is not None:
-            self.extras.append(await admin.start(self.admin_sock, self))
-        self._sync_discovery()
-
-    def _sync_discovery(self) -> None:
-        """One DNS discovery task per listener that asks for it (also after a reload)."""
-        from .health import discovery
-
-        for name, lst in self.listeners.items():
-            if lst.cfg.discovery is not None and name not in self.discoveries:
-                self.discoveries[name] = discovery.start(lst)
 
     def stop(self) -> None:
         self._events.put_nowait("stop")
 
-    def _add_listener(self, lc: ListenerConfig, socks: list[socket.socket]) -> Listener:
-        lst = Listener(lc, socks, self.hostname)
-        self.listeners[lc.name] = lst
-        lst.start()
-        return lst
+    def _own(self, sockaddr: tuple[Any, ...]) -> bool:
+        listens = [ep for lst in self.listeners.values() for ep in lst.cfg.endpoints]
+        return is_own_address(sockaddr, listens, self._local)
 
-    async def _watchdog(self, interval: float) -> None:
-        while True:
-            system.sd_notify("WATCHDOG=1")
-            await asyncio.sleep(interval)
+    def _own_sa(self, sa: SockAddr) -> bool:
+        return self._own(sa[1])
+
+    async def _add_listener(self, lc: ListenerConfig, socks: list[socket.socket]) -> None:
+        lst = Listener(lc, socks, self.hostname, own=self._own_sa, activated=self.activated)
+        self.listeners[lc.name] = lst
+        await lst.start()
+
+    # --- reload ---------------------------------------------------------------------------
 
     async def reload(self) -> None:
         if self.reloader is None:
@@ -169,74 +166,106 @@ class Service:
             return
         system.sd_notify("RELOADING=1")
         try:
-            new = self.reloader()
+            new = await asyncio.get_running_loop().run_in_executor(None, self.reloader)
         except ConfigError as e:
             log.error("reload.failed", error=str(e), detail="keeping the running config")
             system.sd_notify("READY=1")
             return
+        changed = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.cfg, k)]
+        if changed:
+            log.error("reload.needs_restart", keys=changed,
+                      detail="the process dropped its privileges at start; restart to apply")
+        if new.log != self.cfg.log:
+            logs.setup(new.log.format, new.log.level)
+            log.info("reload.log", format=new.log.format, level=new.log.level)
+        for w in new.warnings:
+            log.warning("config.warning", detail=w)
+        admin_ep = await self._reload_admin(new.admin)
         for lc in new.listeners:
             cur = self.listeners.get(lc.name)
             if cur is None:
                 try:
                     socks = bind_all(replace(new, listeners=(lc,)), [])[lc.name]
                 except system.SystemError_ as e:
-                    log.error("reload.needs_restart", listener=lc.name, error=str(e))
+                    log.error("reload.needs_restart", listener=lc.name, keys=["listener"],
+                              error=str(e))
                     continue
-                self._add_listener(lc, socks)
+                await self._add_listener(lc, socks)
                 log.info("reload.listener_added", listener=lc.name)
                 continue
             if set(lc.endpoints) != set(cur.cfg.endpoints):
-                log.error("reload.needs_restart", listener=lc.name,
+                log.error("reload.needs_restart", listener=lc.name, keys=["addresses", "port"],
                           detail="listen addresses changed; a new bind needs a restart",
                           old=[str(e) for e in cur.cfg.endpoints],
                           new=[str(e) for e in lc.endpoints])
                 lc = replace(lc, addresses=cur.cfg.addresses, port=cur.cfg.port)
-            try:
-                await cur.reconfigure(lc)
-            except ConfigError as e:
-                log.error("reload.failed", listener=lc.name, error=str(e))
+            await cur.reconfigure(lc)
         names = {lc.name for lc in new.listeners}
         for name in [n for n in self.listeners if n not in names]:
             lst = self.listeners.pop(name)
             log.info("reload.listener_removed", listener=name)
-            asyncio.get_running_loop().create_task(self._retire(lst))
-        for name in [n for n, lst in self.listeners.items() if lst.cfg.discovery is None]:
-            if name in self.discoveries:
-                await self.discoveries.pop(name)()
-                lst = self.listeners[name]
-                await lst.pool.update([], lst.cfg.probe, lst.cfg.send_proxy, source="dns")
-                log.info("dns.disabled", listener=name)
-        self._sync_discovery()
-        self.cfg = replace(new, listeners=tuple(lst.cfg for lst in self.listeners.values()))
+            asyncio.get_running_loop().create_task(lst.stop(new.drain_timeout),
+                                                   name=f"retire {name}")
+        self.cfg = replace(new, admin=admin_ep, user=self.cfg.user, group=self.cfg.group,
+                           listeners=tuple(lst.cfg for lst in self.listeners.values()))
         log.info("reload.done", listeners=sorted(self.listeners))
         system.sd_notify("READY=1")
 
-    async def _retire(self, lst: Listener) -> None:
-        stop_dns = self.discoveries.pop(lst.cfg.name, None)
-        if stop_dns is not None:
-            await stop_dns()
-        await lst.stop(self.cfg.drain_timeout)
-        for s in lst.gate.socks:
-            s.close()
+    async def _reload_admin(self, ep: Endpoint | None) -> Endpoint | None:
+        """A new admin address is bound now (after the drop: a port below 1024 fails and the
+        old endpoint stays); None turns the admin endpoint off."""
+        if ep == self.cfg.admin:
+            return ep
+        sock = None
+        if ep is not None:
+            try:
+                sock = system.bind(ep, claim=False)
+            except system.SystemError_ as e:
+                log.error("reload.needs_restart", keys=["admin"], error=str(e),
+                          detail="keeping the admin endpoint at "
+                                 f"{self.cfg.admin or 'none'}")
+                return self.cfg.admin
+        if self._admin_stop is not None:
+            await self._admin_stop()
+            self._admin_stop = None
+        if sock is not None:
+            self._admin_stop = await admin.start(sock, self)
+        log.info("reload.admin", address=str(ep) if ep else None)
+        return ep
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    async def _shutdown_or_force(self) -> None:
+        """Drain; a second stop signal meanwhile cuts everything and exits 1."""
+        loop = asyncio.get_running_loop()
+        shutdown = loop.create_task(self.shutdown(), name="shutdown")
+        while not shutdown.done():
+            nxt = loop.create_task(self._events.get())
+            await asyncio.wait({shutdown, nxt}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+            elif nxt.result() == "stop" and self.exit_code == 0:
+                self.exit_code = 1
+                live = sum(len(lst.splices) for lst in self.listeners.values())
+                log.warning("forwarder.forced_exit", cut=live,
+                            detail="second stop signal: live connections reset")
+                for lst in self.listeners.values():
+                    lst.cut()
+        await shutdown
 
     async def shutdown(self) -> None:
         system.sd_notify("STOPPING=1")
         log.info("forwarder.stopping", drain_timeout=self.cfg.drain_timeout,
                  active=sum(len(lst.splices) for lst in self.listeners.values()))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         cut = await asyncio.gather(*(lst.stop(self.cfg.drain_timeout)
                                      for lst in self.listeners.values()))
-        for closer in [*self.extras, *self.discoveries.values()]:
-            await closer()
-        for lst in self.listeners.values():
-            for s in lst.gate.socks:
-                if self.activated:
-                    # systemd's socket: hand it back listening, so it queues for the next us
-                    with contextlib.suppress(OSError):
-                        s.listen(lst.cfg.backlog)
-                s.close()
+        if self._admin_stop is not None:
+            await self._admin_stop()
         log.info("forwarder.stopped", cut=sum(cut))
 
-    # --- for the admin endpoint ---------------------------------------------------------
+    # --- for the admin endpoint (admin.Controls) ------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """For /status: also the task and fd counts, so leaks are visible from outside."""
@@ -251,8 +280,19 @@ class Service:
     def readiness(self) -> list[str]:
         """Why this forwarder is not ready, one line per listener whose gate is not open
         ([] when every gate is open): for /readyz."""
-        return [f"{lst.cfg.name}: gate closed ({lst.gate.reason})"
-                for lst in self.listeners.values() if not lst.gate.is_open]
+        out = []
+        for lst in self.listeners.values():
+            g = lst.gate
+            if g.is_open:
+                continue
+            why = f"{lst.cfg.name}: gate closed ({g.reason})"
+            if g.open_error is not None:
+                e = g.open_error
+                why += (f": listen() on {e['address']} failed: {e['error']}"
+                        f"{' (held by ' + e['holder'] + ')' if e['holder'] else ''}, "
+                        f"retrying")
+            out.append(why)
+        return out
 
     def drain(self, name: str | None = None) -> list[str]:
         out = []
@@ -269,3 +309,11 @@ class Service:
                 lst.gate.resume()
                 out.append(lst.cfg.name)
         return out
+
+
+def _pinger(interval: float) -> Callable[[], Awaitable[None]]:
+    async def ping() -> None:
+        while True:
+            system.sd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+    return ping

@@ -56,11 +56,8 @@ def _opts(s: socket.socket) -> tuple[int, int]:
             int(s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0))
 
 
-@pytest.mark.parametrize(("relay", "on"), [("splice", True), ("splice", False),
-                                           ("protocol", True)])
+@pytest.mark.parametrize(("relay", "on"), [("splice", True), ("splice", False)])
 def test_nodelay_and_keepalive_on_both_sides(relay: str, on: bool) -> None:
-    """(The protocol relay with nodelay = false is left out: uvloop turns TCP_NODELAY on
-    for every transport it makes.)"""
     port = free_port()
     flag = "true" if on else "false"
     with SmtpBackend() as be:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,7 +18,10 @@ ProbeKind = Literal["tcp", "smtp", "http", "exec", "agent"]
 Degraded = Literal["up", "drain"]
 GatePolicy = Literal["local", "any"]
 ProxyVersion = Literal["v1", "v2"]
-RelayKind = Literal["auto", "protocol", "splice"]
+RelayKind = Literal["auto", "splice"]
+SockAddr = tuple[socket.AddressFamily, tuple[Any, ...]]
+# a field computed by the load step (config/load.py), not written by the user
+DERIVED = {"derived": True}
 
 
 class ConfigError(Exception):
@@ -100,6 +104,9 @@ class BackendConfig:
     # unless one is marked explicitly.
     local: bool = False
     probe: ProbeConfig | None = None  # None: the listener's probe
+    sockaddr: SockAddr | None = field(default=None, compare=False, repr=False,
+                                      metadata=DERIVED)
+    key: str = field(default="", compare=False, repr=False, metadata=DERIVED)  # as written
 
     @property
     def name(self) -> str:
@@ -128,6 +135,9 @@ class Cps:
     pause: float
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True)
 class AccessConfig:
     only_from: tuple[str, ...] = ()
@@ -135,6 +145,11 @@ class AccessConfig:
     instances: int | None = None
     per_source: int | None = None
     cps: Cps | None = None
+    # the entries as networks, host names resolved by the load step
+    only_from_nets: tuple[Network, ...] = field(default=(), compare=False, repr=False,
+                                                metadata=DERIVED)
+    no_access_nets: tuple[Network, ...] = field(default=(), compare=False, repr=False,
+                                                metadata=DERIVED)
 
 
 @dataclass(frozen=True)
@@ -179,6 +194,28 @@ class Config:
     admin: Endpoint | None = None
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<cli>"
+    # where each key was written, for errors found after reading (see `Place`)
+    places: Place | None = field(default=None, compare=False, repr=False, metadata=DERIVED)
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False, metadata=DERIVED)
+
+
+class Place:
+    """Names a listener's key the way its source wrote it, with the line: the TOML reader
+    knows lines and whether `address` or `addresses` was used; xinetd names the service;
+    the one-liner names the flag.  The default names the dotted TOML key without a line."""
+
+    def __init__(self, file: str | None = None) -> None:
+        self.file = file
+
+    def key(self, index: int | None, name: str) -> tuple[str, int | None]:
+        return (f"listener.{index}.{name}" if index is not None else name), None
+
+    def error(self, index: int | None, name: str, message: str) -> ConfigError:
+        key, line = self.key(index, name)
+        return ConfigError(message, file=self.file, line=line, key=key)
+
+    def warning(self, index: int | None, name: str, message: str) -> str:
+        return str(self.error(index, name, message))
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,6 +224,11 @@ class Config:
 
 _ADDR_RE = re.compile(r"^\[(?P<v6>[^\]]+)\]:(?P<p1>\d+)$|^(?P<host>[^:\[\]]+):(?P<p2>\d+)$")
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
+
+
+def default_probe_kind(mode: Mode) -> ProbeKind:
+    """The probe that proves a backend can serve this mode: a greeting for smtp."""
+    return "smtp" if mode == "smtp" else "tcp"
 
 
 def check_port(value: Any, key: str, *, allow_zero: bool = False) -> int:

@@ -14,6 +14,8 @@ from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .checks import validate
+from .load import read_file
 from .model import (
     AccessConfig,
     BackendConfig,
@@ -24,11 +26,12 @@ from .model import (
     Endpoint,
     ListenerConfig,
     LogConfig,
+    Place,
     ProbeConfig,
-    ProbeKind,
     check_host,
     check_network,
     check_port,
+    default_probe_kind,
     parse_endpoint,
 )
 
@@ -154,16 +157,35 @@ def _resolve(name: str, counters: dict[str, int]) -> str:
     return out
 
 
+class _TomlPlace(Place):
+    """Keys as the file wrote them (`address` or `addresses`), with their lines."""
+
+    def __init__(self, file: str, lines: dict[str, int]) -> None:
+        super().__init__(file)
+        self.lines = lines
+
+    def key(self, index: int | None, name: str) -> tuple[str, int | None]:
+        key = name if index is None else f"listener.{index}.{name}"
+        if name == "addresses" and f"listener.{index}.address" in self.lines:
+            key = f"listener.{index}.address"
+        line = None
+        k = key
+        while k and line is None:
+            line = self.lines.get(k)
+            k = k.rpartition(".")[0]
+        return key, line
+
+
 # ---------------------------------------------------------------------------------------
 # TOML
 
 
 def load_toml(path: str | Path) -> Config:
+    """Read and check a TOML file (the load step, config/load.py, resolves names)."""
     file = str(path)
+    data = read_file(file)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", file=file) from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8: {e}", file=file) from None
     return parse_toml(text, file)
@@ -204,20 +226,9 @@ def _config_from_dict(data: dict[str, Any], lines: dict[str, int], file: str) ->
         merged = {**defaults, **item}
         listeners.append(_listener(r.sub(f"listener.{i}", merged), i))
     r.done()
-    _check_unique_binds(listeners, r)
-    return Config(listeners=tuple(listeners), user=user, group=group, drain_timeout=drain,
-                  admin=admin, log=log, source=file)
-
-
-def _check_unique_binds(listeners: list[ListenerConfig], r: _Reader) -> None:
-    seen: dict[tuple[str, int], str] = {}
-    for i, lc in enumerate(listeners):
-        for ep in lc.endpoints:
-            k = (ep.host, ep.port)
-            if k in seen:
-                raise r.error(f"listener.{i}.addresses",
-                              f"{ep} is already used by listener {seen[k]!r}")
-            seen[k] = lc.name
+    return validate(Config(listeners=tuple(listeners), user=user, group=group,
+                           drain_timeout=drain, admin=admin, log=log, source=file,
+                           places=_TomlPlace(file, lines)))
 
 
 def _probe(r: _Reader, base: ProbeConfig) -> ProbeConfig:
@@ -248,15 +259,15 @@ def _listener(r: _Reader, index: int) -> ListenerConfig:
     alist = addrs if addrs is not None else [single]
     if not alist:
         raise r.error("addresses", "must not be empty")
-    addresses = tuple(r.wrap("addresses", check_host, a, "addresses") for a in alist)
+    akey = "addresses" if addrs is not None else "address"
+    addresses = tuple(r.wrap(akey, check_host, a, akey) for a in alist)
     port_v = r.get("port", int)
     if port_v is None:
         raise r.error("port", "missing: the port to listen on")
     port = r.wrap("port", check_port, port_v, "port")
 
-    default_kind: ProbeKind = "smtp" if mode == "smtp" else "tcp"
     probe_t = r.get("probe", dict)
-    probe = _probe(r.sub("probe", probe_t or {}), ProbeConfig(kind=default_kind))
+    probe = _probe(r.sub("probe", probe_t or {}), ProbeConfig(kind=default_probe_kind(mode)))
 
     backends = _backends(r, probe)
     disc_t = r.get("discovery", dict)
@@ -267,9 +278,9 @@ def _listener(r: _Reader, index: int) -> ListenerConfig:
     acc_t = r.get("access", dict)
     access = _access(r.sub("access", acc_t)) if acc_t is not None else AccessConfig()
     gate = r.choice("gate", ("local", "any"), "local")
-    if gate == "local" and not backends:
-        raise r.error("gate", "gate = \"local\" needs a local backend (backend = ...); with "
-                              "only discovered peers use gate = \"any\"")
+    if r.data.get("relay") == "protocol":
+        raise r.error("relay", "the asyncio protocol relay was removed in 0.2 (the splice "
+                               "relay was as fast or faster on every benchmark): remove the key")
     lc = ListenerConfig(
         name=name, addresses=addresses, port=port, backends=tuple(backends), mode=mode,
         backlog=r.integer("backlog", 511) or 511, gate=gate, probe=probe,
@@ -280,7 +291,7 @@ def _listener(r: _Reader, index: int) -> ListenerConfig:
         hostname=r.get("hostname", str), discovery=discovery, access=access,
         reuse_port=r.get("reuse_port", bool, False), nodelay=r.get("nodelay", bool, True),
         keepalive=r.get("keepalive", bool, False),
-        relay=r.choice("relay", ("auto", "protocol", "splice"), "auto"),
+        relay=r.choice("relay", ("auto", "splice"), "auto"),
     )
     r.done()
     return lc
@@ -291,12 +302,13 @@ def _backends(r: _Reader, probe: ProbeConfig) -> list[BackendConfig]:
     single = r.get("backend", str)
     if single is not None:
         out.append(BackendConfig(r.wrap("backend", parse_endpoint, single, "backend"),
-                                 local=True))
+                                 local=True, key=r.key("backend")))
     items = r.get("backends", list) or []
     for i, item in enumerate(items):
         key = f"backends.{i}"
         if isinstance(item, str):
-            out.append(BackendConfig(r.wrap(key, parse_endpoint, item, key), priority=i))
+            out.append(BackendConfig(r.wrap(key, parse_endpoint, item, key), priority=i,
+                                     key=r.key(key)))
             continue
         if not isinstance(item, dict):
             raise r.error(key, "expected \"HOST:PORT\" or a table")
@@ -310,7 +322,8 @@ def _backends(r: _Reader, probe: ProbeConfig) -> list[BackendConfig]:
         ptab = br.get("probe", dict)
         bprobe = _probe(br.sub("probe", ptab), probe) if ptab is not None else None
         br.done()
-        out.append(BackendConfig(ep, priority=prio or 0, local=local, probe=bprobe))
+        out.append(BackendConfig(ep, priority=prio or 0, local=local, probe=bprobe,
+                                 key=br.key("address")))
     if single is not None and items:
         # the single backend is the local one and ranks first
         out = [out[0], *(replace(b, priority=b.priority + 1) for b in out[1:])]
@@ -379,20 +392,24 @@ def _access(r: _Reader) -> AccessConfig:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain data for printing the effective config (check-config, /status)."""
+    """Plain data for printing the effective config (check-config, /status); fields the
+    load step derived (resolved addresses, places) are left out."""
     if isinstance(obj, Endpoint):
         return str(obj)
     if is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)
-                if getattr(obj, f.name) is not None}
+                if getattr(obj, f.name) is not None and not f.metadata.get("derived")}
     if isinstance(obj, tuple | list):
         return [to_dict(x) for x in obj]
     return obj
 
 
-def to_toml(cfg: Config) -> str:
-    """Render a Config back to TOML that `parse_toml` reads to the same Config."""
+def to_toml(cfg: Config, *, from_xinetd: bool = False) -> str:
+    """Render a Config back to TOML that `parse_toml` reads to the same Config.
+    `from_xinetd`: add the comments a converted xinetd service needs."""
     out: list[str] = []
+    if from_xinetd:
+        out.append(f"# converted from {cfg.source} by forwarder convert-xinetd")
     if cfg.user:
         out.append(f"user = {_tv(cfg.user)}")
     if cfg.group:
@@ -400,6 +417,9 @@ def to_toml(cfg: Config) -> str:
     out.append(f"drain_timeout = {_tv(cfg.drain_timeout)}")
     if cfg.admin:
         out.append(f"admin = {_tv(str(cfg.admin))}")
+    elif from_xinetd:
+        out.append('# admin = "127.0.0.1:9125"  # uncomment for /metrics, /status, '
+                   "drain and resume")
     out += ["", "[log]", f"format = {_tv(cfg.log.format)}", f"level = {_tv(cfg.log.level)}"]
     for lc in cfg.listeners:
         out += ["", "[[listener]]"]
@@ -408,7 +428,11 @@ def to_toml(cfg: Config) -> str:
                   "nodelay", "keepalive", "relay"):
             v = getattr(lc, k)
             if v is not None:
-                out.append(f"{k} = {_tv(v)}")
+                note = ""
+                if from_xinetd and k in ("nodelay", "keepalive") and not v:
+                    note = (f"  # xinetd's default (no flags = {k.upper()}); the forwarder's "
+                            f"own default is {'true' if k == 'nodelay' else 'false'}")
+                out.append(f"{k} = {_tv(v)}{note}")
         out += ["[listener.probe]"]
         out += [f"{k} = {_tv(v)}" for k, v in to_dict(lc.probe).items()]
         a = lc.access
@@ -435,6 +459,8 @@ def to_toml(cfg: Config) -> str:
 def _tv(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+        return str(int(v))  # 10, not 10.0: the reader takes either for a number
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, tuple | list):

@@ -1,36 +1,44 @@
 """Backends and their health: the single owner of "is this backend up?".
 
-Each Backend runs its own prober task and applies rise/fall hysteresis.  Real traffic reports
-failures here too (passive health), which both counts as a failed probe and wakes the prober
-at once, so a dead backend is confirmed in milliseconds rather than one interval later.
-The Pool keeps the ordered list (local first, then peers by priority) and tells its
-subscribers (the gate) when the aggregate changes.
+Each Backend runs its own prober (a supervised task) and applies rise/fall hysteresis
+(rise_fall.py).  Real traffic reports failures here too (passive health), which both counts
+as a failed probe and wakes the prober at once, so a dead backend is confirmed in
+milliseconds rather than one interval later.
+
+The Pool keeps the ordered list (local first, then peers by priority), the probe defaults
+it was given, and tells its subscribers (the listener, which tells the gate) when a verdict
+changes.  A subscriber that raises is logged and counted, never allowed to stop the prober
+that delivered the news: the first build lost its prober for good that way.  A backend
+whose address is one of our own listening addresses is never added: a forwarder relaying
+to itself would loop until it runs out of file descriptors.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
-from ..config.model import BackendConfig, Endpoint, ProbeConfig
+from ..config.model import BackendConfig, Endpoint, ProbeConfig, SockAddr
+from ..ops import supervise
 from ..ops.metrics import BackendMetrics
 from .probe import ProbeResult, probe
+from .rise_fall import RiseFall
 
 log = structlog.get_logger("forwarder.backends")
 
 HISTORY = 20
+Listener = Callable[["Backend"], None]
 
 
-def numeric_sockaddr(ep: Endpoint) -> tuple[socket.AddressFamily, tuple[Any, ...]] | None:
-    """(family, sockaddr) for an address literal, computed once instead of a getaddrinfo
-    per connection."""
+def sockaddr_of(ep: Endpoint) -> SockAddr | None:
+    """(family, sockaddr) of an address literal; None for a host name."""
     try:
         infos = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
@@ -40,18 +48,16 @@ def numeric_sockaddr(ep: Endpoint) -> tuple[socket.AddressFamily, tuple[Any, ...
 
 
 class Backend:
-    def __init__(self, cfg: BackendConfig, probe_cfg: ProbeConfig, on_change: Callable[[], None],
-                 send_proxy: str | None = None, source: str = "static") -> None:
+    def __init__(self, cfg: BackendConfig, probe_cfg: ProbeConfig, on_change: Listener,
+                 send_proxy: str | None, source: str, sockaddr: SockAddr) -> None:
         self.cfg = cfg
         self.endpoint: Endpoint = cfg.endpoint
-        self.sockaddr = numeric_sockaddr(cfg.endpoint)  # None: a name, resolved per connect
+        self.sockaddr = sockaddr
         self.name = cfg.name
         self.probe_cfg = probe_cfg
         self.send_proxy = send_proxy
         self.source = source
-        self.up = False
-        self._ok = 0
-        self._fail = 0
+        self.health = RiseFall(probe_cfg.rise, probe_cfg.fall)
         self.history: deque[ProbeResult] = deque(maxlen=HISTORY)
         self.metrics = BackendMetrics(self.name)
         self._on_change = on_change
@@ -60,27 +66,31 @@ class Backend:
         self.last_change: float | None = None
 
     @property
-    def pending(self) -> bool:
-        """A rise or fall has started but is not confirmed yet."""
-        return (self._ok > 0) if not self.up else (self._fail > 0)
+    def up(self) -> bool:
+        return self.health.up
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"probe {self.name}")
+            self._task = supervise.spawn("probe", self._run, name=self.name)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self.metrics.up.set(0)
 
-    def reconfigure(self, probe_cfg: ProbeConfig, send_proxy: str | None) -> None:
+    def reconfigure(self, cfg: BackendConfig, probe_cfg: ProbeConfig,
+                    send_proxy: str | None) -> None:
+        self.cfg = cfg
+        if cfg.sockaddr is not None:  # a host name may resolve elsewhere after a reload
+            self.sockaddr = cfg.sockaddr
         self.probe_cfg = probe_cfg
+        self.health.rise, self.health.fall = probe_cfg.rise, probe_cfg.fall
         self.send_proxy = send_proxy
         self._wake.set()
+
+    # --- what traffic reports -------------------------------------------------------------
 
     def passive_failure(self, reason: str, detail: str = "") -> None:
         """Real traffic failed on this backend: count it and re-probe now."""
@@ -89,25 +99,20 @@ class Backend:
         self._record(False)
         self._wake.set()
 
-    def _record(self, ok: bool) -> None:
-        if ok:
-            self._ok += 1
-            self._fail = 0
-            if not self.up and self._ok >= self.probe_cfg.rise:
-                self._set(True)
-        else:
-            self._fail += 1
-            self._ok = 0
-            if self.up and self._fail >= self.probe_cfg.fall:
-                self._set(False)
+    def connect_time(self, seconds: float) -> None:
+        self.metrics.connect.observe(seconds)
 
-    def _set(self, up: bool) -> None:
-        self.up = up
-        self.last_change = asyncio.get_running_loop().time()
-        self.metrics.transition(up)
-        last = self.history[-1].detail if self.history else ""
-        log.info("backend.state", backend=self.name, state="up" if up else "down", last=last)
-        self._on_change()
+    # --- the verdict ----------------------------------------------------------------------
+
+    def _record(self, ok: bool) -> None:
+        if self.health.record(ok):
+            self.last_change = asyncio.get_running_loop().time()
+            up = self.health.up
+            self.metrics.transition(up)
+            last = self.history[-1].detail if self.history else ""
+            log.info("backend.state", backend=self.name, state="up" if up else "down",
+                     last=last)
+            self._on_change(self)
 
     async def _run(self) -> None:
         while True:
@@ -118,17 +123,21 @@ class Backend:
             self.metrics.probe_duration.observe(res.duration)
             if not res.ok:
                 # the first failure of a run is news; the rest of the run is debug noise
-                (log.warning if self._fail == 0 else log.debug)(
+                (log.warning if self.health.fails == 0 else log.debug)(
                     "probe.failed", backend=self.name, kind=p.kind, result=res.result,
                     detail=res.detail, duration=round(res.duration, 4))
+            first = len(self.history) == 1
             self._record(res.ok)
-            if len(self.history) == 1 and not res.ok:
-                self._on_change()  # a first failure is a verdict even without a transition
-            wait = p.fast_interval if self.pending else p.interval
+            if first and not res.ok:
+                self._on_change(self)  # a first failure is a verdict without a transition
+            wait = p.fast_interval if self.health.pending else p.interval
             wait *= 1 + random.uniform(-p.jitter, p.jitter)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            try:
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
 
     def status(self) -> dict[str, Any]:
         return {
@@ -142,26 +151,33 @@ class Backend:
 
 
 class Pool:
-    """The ordered backends of one listener."""
+    """The ordered backends of one listener, from two sources: the config ("static") and
+    DNS discovery ("dns")."""
 
-    def __init__(self, listener: str, configs: Iterable[BackendConfig], probe_cfg: ProbeConfig,
-                 send_proxy: str | None = None) -> None:
+    def __init__(self, listener: str, probe_cfg: ProbeConfig, send_proxy: str | None,
+                 own: Callable[[SockAddr], bool]) -> None:
         self.listener = listener
         self.probe_cfg = probe_cfg
         self.send_proxy = send_proxy
-        self._subscribers: list[Callable[[], None]] = []
-        self.backends: list[Backend] = [self._make(c) for c in configs]
+        self.is_own = own  # "is this one of our own listening addresses?"
+        self._subscribers: list[Listener] = []
+        self.backends: list[Backend] = []
         self._running = False
 
-    def _make(self, c: BackendConfig, source: str = "static") -> Backend:
-        return Backend(c, c.probe or self.probe_cfg, self._changed, self.send_proxy, source)
+    def configure(self, probe_cfg: ProbeConfig, send_proxy: str | None) -> None:
+        """New probe defaults (a reload); applied to the backends by the next update()."""
+        self.probe_cfg = probe_cfg
+        self.send_proxy = send_proxy
 
-    def subscribe(self, fn: Callable[[], None]) -> None:
+    def subscribe(self, fn: Listener) -> None:
         self._subscribers.append(fn)
 
-    def _changed(self) -> None:
+    def _changed(self, b: Backend) -> None:
         for fn in self._subscribers:
-            fn()
+            try:
+                fn(b)
+            except Exception:  # the news must not kill the prober that brought it
+                supervise.internal_error("gate", "health.subscriber_failed", backend=b.name)
 
     def start(self) -> None:
         self._running = True
@@ -187,13 +203,19 @@ class Pool:
         """Live backends, best first (the list is kept sorted)."""
         return [b for b in self.backends if b.up]
 
-    async def update(self, configs: Iterable[BackendConfig], probe_cfg: ProbeConfig,
-                     send_proxy: str | None, source: str = "static") -> None:
-        """Replace the backends of one source (static config or DNS), keeping the health
-        state of those that stay."""
-        self.probe_cfg = probe_cfg
-        self.send_proxy = send_proxy
-        wanted = {c.endpoint: c for c in configs}
+    async def update(self, configs: Iterable[BackendConfig], source: str = "static") -> None:
+        """Replace the backends of one source, keeping the health of those that stay."""
+        wanted: dict[Endpoint, BackendConfig] = {}
+        for c in configs:
+            if c.sockaddr is None and (sa := sockaddr_of(c.endpoint)) is not None:
+                c = replace(c, sockaddr=sa)  # an address literal needs no load step
+            if c.sockaddr is None:
+                log.error("backend.unresolved", listener=self.listener, backend=c.name)
+            elif self.is_own(c.sockaddr):
+                log.error("backend.is_self", listener=self.listener, backend=c.name,
+                          detail="one of this forwarder's own listening addresses: skipped")
+            else:
+                wanted[c.endpoint] = c
         keep: list[Backend] = []
         gone: list[Backend] = []
         for b in self.backends:
@@ -201,13 +223,14 @@ class Pool:
                 keep.append(b)
             elif b.endpoint in wanted:
                 c = wanted.pop(b.endpoint)
-                b.cfg = c
-                b.reconfigure(c.probe or probe_cfg, send_proxy)
+                b.reconfigure(c, c.probe or self.probe_cfg, self.send_proxy)
                 keep.append(b)
             else:
                 gone.append(b)
         for c in wanted.values():
-            nb = self._make(c, source)
+            assert c.sockaddr is not None
+            nb = Backend(c, c.probe or self.probe_cfg, self._changed, self.send_proxy, source,
+                         c.sockaddr)
             keep.append(nb)
             if self._running:
                 nb.start()
@@ -216,4 +239,5 @@ class Pool:
         for b in gone:
             await b.stop()
             log.info("backend.removed", listener=self.listener, backend=b.name, source=source)
-        self._changed()
+        if gone:
+            self._changed(gone[0])

@@ -15,13 +15,11 @@ addresses and static backends, `exclude`) is never added as its own peer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import random
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 # Everything dnspython would import lazily on the first lookup is imported here, so that
 # cli._preimport() (importing this module before the privilege drop) covers it.
@@ -54,10 +52,9 @@ import dns.update  # a garbled reply that claims opcode UPDATE makes dnspython i
 import structlog
 
 from ..config.model import BackendConfig, DiscoveryConfig, Endpoint
-from ..ops import metrics
-
-if TYPE_CHECKING:
-    from ..traffic.listener import Listener
+from ..net.sockets import local_addresses
+from ..ops import metrics, supervise
+from .backends import sockaddr_of
 
 # ... and every other record type a (garbled) reply could name, with dynamic loading off:
 # after the privilege drop an import from the Python installation may fail.
@@ -80,6 +77,19 @@ class LookupError_(Exception):
         self.result = result
         self.detail = detail
         super().__init__(detail)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What discovery must know about its listener: who "this host" is, and what is
+    already a backend.  Given by the listener (discovery never reads the listener)."""
+
+    hostname: str
+    addresses: tuple[str, ...]  # the listener's own listen addresses
+    static: tuple[Endpoint, ...]  # the static backends
+
+
+Apply = Callable[[tuple[BackendConfig, ...]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -136,29 +146,15 @@ def _norm_addr(addr: str) -> str | None:
         return None
 
 
-def _interface_addresses() -> set[str]:
-    """This host's own unicast addresses, from /proc (no privilege needed, no libc DNS)."""
-    out: set[str] = set()
-    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii") as f:
-        for line in f:
-            h = line.split(maxsplit=1)[0] if line.strip() else ""
-            if len(h) == 32:
-                out.add(str(ipaddress.IPv6Address(bytes.fromhex(h))))
-    with contextlib.suppress(OSError), open("/proc/net/fib_trie", encoding="ascii") as f:
-        last = ""
-        for line in f:
-            s = line.strip()
-            if s.startswith(("|--", "+--")):
-                last = s[3:].split()[0]
-            elif s == "/32 host LOCAL" and last:
-                out.add(last)
-    return out
-
-
 class Discovery:
-    def __init__(self, listener: Listener) -> None:
-        self.listener = listener
-        self.name = listener.cfg.name
+    """Owns the DNS peers of one listener; hands them to `apply` (the listener's pool)."""
+
+    def __init__(self, name: str, cfg: DiscoveryConfig, scope: Scope, apply: Apply) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.scope = scope
+        self._apply = apply
+        self._task: asyncio.Task[None] | None = None
         self.peers: tuple[Peer, ...] = ()
         self.applied: tuple[BackendConfig, ...] | None = None
         self.failures = 0  # consecutive
@@ -170,24 +166,21 @@ class Discovery:
         self.peers_gauge = metrics.dns_peers.labels(self.name)
         self.peers_gauge.set(0)
 
-    @property
-    def cfg(self) -> DiscoveryConfig:
-        d = self.listener.cfg.discovery
-        assert d is not None
-        return d
+    def configure(self, cfg: DiscoveryConfig, scope: Scope) -> None:
+        """A reload: the next refresh uses the new name, servers and scope."""
+        self.cfg, self.scope = cfg, scope
 
     @property
     def qname(self) -> str:
-        d = self.listener.cfg.discovery
-        return (d.mx or d.srv or "") if d is not None else ""
+        return self.cfg.mx or self.cfg.srv or ""
 
     # --- this host ----------------------------------------------------------------------
 
     async def learn_self(self) -> None:
         """Names and addresses that are this host (once: they do not move under us)."""
-        names = {socket.gethostname(), self.listener.hostname}
+        names = {socket.gethostname(), self.scope.hostname}
         self.own_names = {_norm_name(n) for n in names if n}
-        addrs = _interface_addresses()
+        addrs = set(local_addresses())
         for n in names:
             if not n:
                 continue
@@ -207,14 +200,13 @@ class Discovery:
         names = set(self.own_names)
         addrs = set(self.own_addrs)
         nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        lc = self.listener.cfg
-        for b in lc.backends:
-            a = _norm_addr(b.endpoint.host)
+        for ep in self.scope.static:
+            a = _norm_addr(ep.host)
             if a is not None:
                 addrs.add(a)
             else:
-                names.add(_norm_name(b.endpoint.host))
-        for h in lc.addresses:
+                names.add(_norm_name(ep.host))
+        for h in self.scope.addresses:
             a = _norm_addr(h)
             if a is not None and not ipaddress.ip_address(a).is_unspecified:
                 addrs.add(a)
@@ -316,7 +308,7 @@ class Discovery:
                 if attl is not None:
                     ttl = min(ttl, attl)
             addrs[h] = al
-        static = {b.endpoint for b in self.listener.cfg.backends}
+        static = set(self.scope.static)
         peers: list[Peer] = []
         seen: set[Endpoint] = set()
         for host, port, rank in wanted:
@@ -329,7 +321,8 @@ class Discovery:
                     continue
                 seen.add(ep)
                 peers.append(Peer(host, BackendConfig(
-                    ep, priority=cfg.priority_offset + rank, local=False)))
+                    ep, priority=cfg.priority_offset + rank, local=False,
+                    sockaddr=sockaddr_of(ep))))
         return peers, ttl, errors
 
     # --- the loop -----------------------------------------------------------------------
@@ -365,8 +358,7 @@ class Discovery:
             return
         before = {b.endpoint for b in self.applied or ()}
         after = {b.endpoint for b in configs}
-        lc = self.listener.cfg
-        await self.listener.pool.update(configs, lc.probe, lc.send_proxy, source="dns")
+        await self._apply(configs)
         self.applied = configs
         self.peers = tuple(peers)
         self.peers_gauge.set(len(peers))
@@ -379,34 +371,23 @@ class Discovery:
     async def run(self) -> None:
         await self.learn_self()
         while True:
-            if self.listener.cfg.discovery is None:  # dropped by a reload
-                await self.apply([])
-                log.info("dns.disabled", listener=self.name)
-                return
             try:
                 wait = await self.refresh()
-            except Exception as e:  # a bug here must not end discovery for good
-                log.exception("dns.error", listener=self.name, name=self.qname, error=repr(e))
+            except Exception:  # a bug here must not end discovery for good
+                supervise.internal_error("discovery", "dns.error", listener=self.name,
+                                         name=self.qname)
                 self.lookups["failed"].inc()
-                d = self.listener.cfg.discovery
-                wait = max(0.05, min(d.ttl_min, BACKOFF_FIRST)) if d else BACKOFF_FIRST
+                wait = max(0.05, min(self.cfg.ttl_min, BACKOFF_FIRST))
             await asyncio.sleep(wait * (1 + random.uniform(-JITTER, JITTER)))
 
+    def start(self) -> None:
+        if self._task is None:
+            self._task = supervise.spawn("discovery", self.run, name=self.name)
+
     async def stop(self) -> None:
-        """The task is gone: no peers are being kept up to date any more."""
+        """Stop re-resolving; the peers stay in the pool until the owner removes them."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
         self.peers_gauge.set(0)
-
-
-def start(listener: Listener) -> Callable[[], Awaitable[None]]:
-    """Start re-resolving the listener's discovery name; return an async stopper."""
-    d = Discovery(listener)
-    task = d.loop.create_task(d.run(), name=f"dns {listener.cfg.name}")
-
-    async def close() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await d.stop()
-
-    return close
-

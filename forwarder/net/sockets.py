@@ -14,6 +14,8 @@ listens once with backlog 0 and stops again at once: `unlisten(claim=True)`.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import socket
 import struct
 
@@ -55,3 +57,22 @@ def fmt_addr(addr: tuple[object, ...] | None) -> str:
         return "?"
     host = str(addr[0])
     return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+
+
+def local_addresses() -> frozenset[str]:
+    """This host's own unicast addresses, from /proc (no privilege needed, no libc DNS)."""
+    out: set[str] = set()
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii") as f:
+        for line in f:
+            h = line.split(maxsplit=1)[0] if line.strip() else ""
+            if len(h) == 32:
+                out.add(str(ipaddress.IPv6Address(bytes.fromhex(h))))
+    with contextlib.suppress(OSError), open("/proc/net/fib_trie", encoding="ascii") as f:
+        last = ""
+        for line in f:
+            s = line.strip()
+            if s.startswith(("|--", "+--")):
+                last = s[3:].split()[0]
+            elif s == "/32 host LOCAL" and last:
+                out.add(last)
+    return frozenset(out)

@@ -185,6 +185,15 @@ dns_peers = Gauge("forwarder_dns_peers", "Peers currently known from DNS discove
 accept_errors = Counter("forwarder_accept_errors_total",
                         "accept() failures (EMFILE, ENFILE, ENOBUFS, ...)",
                         ["listener", "errno"], registry=REGISTRY)
+gate_open_failures = Counter("forwarder_gate_open_failures_total",
+                             "The gate should open but listen() failed (retried with backoff)",
+                             ["listener", "errno"], registry=REGISTRY)
+internal_errors = Counter("forwarder_internal_errors_total",
+                          "Exceptions in a supervised task or callback (logged, task restarted)",
+                          ["task"], registry=REGISTRY)
+for _task in ("probe", "discovery", "sweeper", "watchdog", "handoff", "accept", "relay",
+              "admin", "gate"):
+    internal_errors.labels(_task)
 
 
 class ListenerMetrics:

@@ -111,6 +111,21 @@ def port_holder(port: int) -> str | None:
     return f"a process of user {who}"
 
 
+def hostname() -> str:
+    """The name for the 421 text: the canonical FQDN when the resolver knows one (what
+    `hostname -f` prints), else the kernel's host name; "localhost" only when that is
+    really the host's name (socket.getfqdn() falls back to it on a bare container)."""
+    name = socket.gethostname()
+    try:
+        canon = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)[0][3]
+    except (OSError, UnicodeError):
+        canon = ""
+    for cand in (canon, socket.getfqdn(name)):
+        if cand and "." in cand and not cand.lower().startswith("localhost"):
+            return cand
+    return name or "localhost"
+
+
 def tune(sock: socket.socket, cfg: ListenerConfig, *, explicit: bool = False) -> None:
     """`nodelay` / `keepalive` from the listener's config.  A backend socket gets only what
     is on (one syscall per connection with the defaults); a listening socket (`explicit`)

@@ -16,6 +16,14 @@ flap test hit it about once per thousand flaps).  So closing first attaches a so
 that drops new SYNs, keeps accepting for CLOSE_SETTLE seconds while handshakes already in
 flight complete, then drains once more, leaves LISTEN and removes the filter.  A SYN
 dropped meanwhile is retransmitted by its client after a second and then refused.
+
+Every kernel call in a transition can fail, and a failure must never escape into the caller
+(a prober delivering a verdict): the first build lost its prober that way and kept the port
+closed for good.  A failed listen() (another process took the port: net/sockets.py says how
+we keep that from happening, this is for what slips through) leaves the gate closed with
+reason `open_failed`, is logged as `gate.open_failed` with the errno and who holds the port
+when /proc shows it, counted in forwarder_gate_open_failures_total, shown in /status and
+/readyz, and retried with a backoff (RETRY_FIRST doubling to RETRY_MAX) until it works.
 """
 
 from __future__ import annotations
@@ -25,12 +33,15 @@ import ctypes
 import errno
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import Any
 
 import structlog
 
 from ..net.sockets import relisten, unlisten
-from ..ops.metrics import ListenerMetrics, accept_errors
+from ..ops import supervise
+from ..ops.metrics import ListenerMetrics, accept_errors, gate_open_failures
+from ..ops.system import port_holder
 
 log = structlog.get_logger("forwarder.gate")
 
@@ -41,6 +52,8 @@ AcceptHandler = Callable[[socket.socket, Address], None]
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_BATCH = 64
 CLOSE_SETTLE = 0.1  # seconds a closing gate still accepts in-flight handshakes
+RETRY_FIRST = 0.1  # a failed listen() is retried after this, doubling ...
+RETRY_MAX = 5.0  # ... up to this
 
 _SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
 
@@ -60,11 +73,11 @@ _DROP_SYN = ctypes.create_string_buffer(b"".join([
 _DROP_SYN_PROG = struct.pack("HL", 5, ctypes.addressof(_DROP_SYN))
 
 
-_filter_warned = False
+_filter_told = False
 
 
 def _drop_syns(sock: socket.socket, on: bool) -> bool:
-    global _filter_warned
+    global _filter_told
     try:
         if on:
             sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_SYN_PROG)
@@ -72,20 +85,25 @@ def _drop_syns(sock: socket.socket, on: bool) -> bool:
             sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
         return True
     except OSError as e:
-        if on and not _filter_warned:  # some kernels want CAP_NET_ADMIN for this
-            _filter_warned = True
-            log.warning("gate.syn_filter_unavailable", error=e.strerror,
-                        detail="closing falls back to drain-then-shutdown: a handshake "
-                               "completing in that instant is reset")
+        if on and not _filter_told:  # some kernels want CAP_NET_ADMIN for this
+            _filter_told = True
+            log.info("gate.syn_filter_unavailable", error=e.strerror,
+                     detail="this kernel does not let an unprivileged process attach the "
+                            "socket filter that makes closing seamless; the gate still "
+                            "closes and reopens as it should, but a client whose handshake "
+                            "completes in the very instant of closing may get a reset "
+                            "instead of an answer (measured: a few per 1,000 flaps)")
         return False
 
 
 class Gate:
     def __init__(self, name: str, socks: list[socket.socket], backlog: int,
                  on_accept: AcceptHandler, metrics: ListenerMetrics,
-                 resource_pause: float = 1.0) -> None:
+                 resource_pause: float = 1.0,
+                 activated: Collection[socket.socket] = ()) -> None:
         self.name = name
         self.socks = socks
+        self.activated = [s for s in socks if s in activated]  # systemd's: handed back
         self.backlog = backlog
         self.on_accept = on_accept
         self.metrics = metrics
@@ -103,6 +121,10 @@ class Gate:
         self._backoff: asyncio.TimerHandle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.TimerHandle | None = None  # CLOSE_SETTLE still running
+        self._retry: asyncio.TimerHandle | None = None  # a failed listen(), to be retried
+        self._retry_wait = RETRY_FIRST
+        self.open_error: dict[str, Any] | None = None  # the last failed listen(), if failing
+        self.open_failures = 0  # in the current run of failures
         self._loop = asyncio.get_running_loop()
         self.transitions = 0
 
@@ -155,14 +177,25 @@ class Gate:
         self._schedule_hold_check()
         self._apply(expired[0] + "_over" if expired else "hold_over")
 
+    @property
+    def should_open(self) -> bool:
+        return (self._want_open and not self.drained and not self.holds
+                and not self.stopping)
+
     def _apply(self, reason: str) -> None:
-        should = (self._want_open and not self.drained and not self.holds
-                  and not self.stopping)
-        if should and not self.is_open:
-            self._open(reason)
-        elif not should and (self.is_open or self._listening_at_start):
-            self._close(reason)
-        self._listening_at_start = False
+        """Never raises: whatever the kernel says, the caller (a prober) goes on."""
+        try:
+            if self.should_open and not self.is_open:
+                self._open(reason)
+            elif not self.should_open and (self.is_open or self._listening_at_start):
+                self._close(reason)
+            elif not self.should_open and self.open_error is not None:
+                self.reason = reason  # no longer trying to open: say why we are closed
+                self._cancel_retry()
+            self._listening_at_start = False
+        except Exception:
+            supervise.internal_error("gate", "gate.action_failed", listener=self.name,
+                                     reason=reason)
 
     # --- the mechanism ------------------------------------------------------------------
 
@@ -174,12 +207,58 @@ class Gate:
                 _drop_syns(s, False)
             self.is_open = True  # no transition: from outside the gate never closed
             return
-        else:
+        done: list[socket.socket] = []
+        try:
             for s in self.socks:
                 relisten(s, self.backlog)
-                self._loop.add_reader(s.fileno(), self._accept_ready, s)
+                done.append(s)
+        except OSError as e:
+            for s in done:  # all or nothing: "open" means every address accepts
+                try:
+                    unlisten(s)
+                except OSError:
+                    pass
+            self._open_failed(self.socks[len(done)], e)
+            return
+        for s in self.socks:
+            self._loop.add_reader(s.fileno(), self._accept_ready, s)
+        self._cancel_retry()
+        failures, self.open_failures, self.open_error = self.open_failures, 0, None
+        self._retry_wait = RETRY_FIRST
         self.is_open = True
-        self._transition("open", reason)
+        self._transition("open", reason if not failures else "open_retry",
+                         after_failures=failures or None)
+
+    def _open_failed(self, sock: socket.socket, e: OSError) -> None:
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        try:
+            addr = sock.getsockname()
+            where = f"{addr[0]}:{addr[1]}"
+            holder = port_holder(int(addr[1]))
+        except OSError:
+            where, holder = "?", None
+        self.open_failures += 1
+        self.open_error = {"errno": name, "error": e.strerror or str(e), "address": where,
+                           "holder": holder, "failures": self.open_failures,
+                           "retry_in": round(self._retry_wait, 3)}
+        gate_open_failures.labels(self.name, name).inc()
+        if self.reason != "open_failed":
+            self.reason = "open_failed"
+        (log.error if self.open_failures == 1 or self.open_failures % 20 == 0 else log.debug)(
+            "gate.open_failed", listener=self.name, address=where, errno=name,
+            error=e.strerror, holder=holder or "not visible to this process",
+            failures=self.open_failures, retry_in=round(self._retry_wait, 3))
+        self._cancel_retry()
+        self._retry = self._loop.call_later(self._retry_wait, self._apply, "open_retry")
+        self._retry_wait = min(self._retry_wait * 2, RETRY_MAX)
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if not self.should_open and self.open_error is not None:
+            self.open_error, self.open_failures = None, 0  # no longer trying
+            self._retry_wait = RETRY_FIRST
 
     def _close(self, reason: str) -> None:
         if self._backoff:
@@ -209,11 +288,12 @@ class Gate:
             _drop_syns(s, False)
         self._transition("closed", reason)
 
-    def _transition(self, state: str, reason: str) -> None:
+    def _transition(self, state: str, reason: str, **extra: object) -> None:
         self.reason = reason
         self.transitions += 1
         self.metrics.transition(state, reason)
-        log.info("gate." + state, listener=self.name, reason=reason)
+        log.info("gate." + state, listener=self.name, reason=reason,
+                 **{k: v for k, v in extra.items() if v is not None})
 
     def _accept_ready(self, sock: socket.socket) -> None:
         self._accept_all(sock, limit=ACCEPT_BATCH)
@@ -236,14 +316,15 @@ class Gate:
                     return
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
-                if e.errno == errno.EINVAL:  # not listening (closed under us)
-                    return
-                raise
+                if e.errno != errno.EINVAL:  # EINVAL: not listening (closed under us)
+                    accept_errors.labels(self.name, errno.errorcode.get(e.errno or 0, "?")
+                                         ).inc()
+                return
             n += 1
             try:
                 self.on_accept(conn, addr)
-            except Exception:
-                log.exception("gate.handler_failed", listener=self.name)
+            except Exception:  # one connection's bug must not stop the accept loop
+                supervise.internal_error("accept", "gate.handler_failed", listener=self.name)
                 conn.close()
 
     def _resource_exhausted(self, sock: socket.socket, e: OSError) -> None:
@@ -268,12 +349,14 @@ class Gate:
         self._backoff = self._loop.call_later(self.resource_pause, again)
 
     def release(self) -> None:
-        """At exit: stop accepting; sockets from systemd go back to LISTEN for the next
-        instance (the socket unit keeps queueing), our own are closed."""
-        if self._backoff:
-            self._backoff.cancel()
-        if self._hold_timer:
-            self._hold_timer.cancel()
+        """At exit (or when a reload removes the listener): stop accepting and let go of
+        the sockets.  Our own are closed; sockets from systemd go back to LISTEN first, so
+        the socket unit keeps queueing clients for the next instance and a restart refuses
+        no SYN."""
+        for t in (self._backoff, self._hold_timer, self._retry):
+            if t is not None:
+                t.cancel()
+        self._backoff = self._hold_timer = self._retry = None
         if self._closing is not None:
             self._closing.cancel()
             self._finish_close("shutdown")
@@ -281,3 +364,15 @@ class Gate:
             if self.is_open:
                 self._loop.remove_reader(s.fileno())
         self.is_open = False
+        for s in self.socks:
+            if s in self.activated:
+                try:
+                    relisten(s, self.backlog)
+                except OSError as e:
+                    log.error("gate.handback_failed", listener=self.name, error=e.strerror)
+            s.close()
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "open" if self.is_open else "closed", "reason": self.reason,
+                "drained": self.drained, "holds": sorted(self.holds),
+                "open_error": self.open_error}

@@ -1,210 +1,254 @@
-"""The hand-off from an accepted client to a backend on the os.splice path, driven by
-callbacks: connect, (smtp mode) wait for the greeting, then a PipeSplice.
+"""The hand-off: from an accepted client to a connected (smtp mode: greeted) backend socket.
 
-Why not a coroutine: at thousands of sessions a second, a Task per connection (creation,
-and a wake-up through call_soon after every await) was a measurable share of the cost of a
-short session; here the poller calls straight into the next step.  The rules are those of
-`Listener._serve`: the best live backend first, the next one when a connect fails or a
-backend stays silent or closes before its first byte (nothing has reached the client yet),
-and a 421 (smtp) or a close (tcp) only when none is left.
+The one place of the rule "connect to the best live backend, send the PROXY header, in
+smtp mode wait for its first byte within the greeting deadline; on failure count a passive
+failure and try the next live backend; only when none is left, refuse (421 in smtp mode,
+a close in tcp mode)".  Nothing has reached the client before the hand-off ends, so trying
+the next backend is always safe.  The outcome goes to a Sink (the listener): `ready(h,
+greeting)` with `h.backend` and `h.bs` set, or `refused(h, outcome)`; after either the
+hand-off never touches its sockets again (tcpproxy's contract for its Target).
+
+Callbacks, not a coroutine: at thousands of sessions a second a Task per connection (its
+creation, a call_soon wake-up after every await) was a measurable share of a short
+session's cost.  The Poller calls straight into the next step, and every deadline lives in
+the listener's Deadlines (one timer for all, exact to the loop's clock).  Dialing is a
+function in the Plan, so a test can hand the hand-off any socket it likes.
+
+In smtp mode without PROXY the greeting proves the connect: we wait for it right after
+connect() (no writable wait, no SO_ERROR read: one epoll_ctl and one wake-up fewer per
+session).  One deadline then covers both limits: at min(connect_timeout,
+greeting_timeout) from the start, an unfinished handshake is a connect failure and a
+silent connected backend gets the rest of its greeting time (see `_direct_expired`).
 """
 
 from __future__ import annotations
 
 import errno
-import math
 import os
 import socket
-import struct
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from ..net import proxy_protocol
-from ..ops.system import tune
-from .splice import COPY_MAX, PipeSplice
+from ..net.sockets import reset
+from .deadlines import Deadlines
+from .poller import Poller
+from .splice import COPY_MAX
 
 if TYPE_CHECKING:
     from ..health.backends import Backend
-    from .gate import Address
-    from .listener import Listener
 
-_LINGER_RST = struct.pack("ii", 1, 0)
+Address = tuple[str, int]
+Dialer = Callable[["Backend"], socket.socket]
+
 # what a read reports when the connect itself failed (refused, no route, SYNs unanswered)
-_CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
-                             errno.ETIMEDOUT, errno.EHOSTDOWN, errno.ENETDOWN})
+CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                            errno.ETIMEDOUT, errno.EHOSTDOWN, errno.ENETDOWN})
+# socket() failures that are ours (out of fds or memory), not the backend's
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Sink(Protocol):
+    """Where a hand-off's outcome goes (the listener owns the connection from then on)."""
+
+    def ready(self, h: Handoff, greeting: bytes) -> None: ...
+
+    def refused(self, h: Handoff, outcome: str) -> None: ...
+
+
+def dial(b: Backend, options: Callable[[socket.socket], None]) -> socket.socket:
+    """A non-blocking socket with its connect to `b` under way (or failed: OSError)."""
+    family, sockaddr = b.sockaddr
+    bs = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no ioctl
+    try:
+        options(bs)
+        err = bs.connect_ex(sockaddr)
+    except OSError:
+        bs.close()
+        raise
+    if err and err != errno.EINPROGRESS:
+        bs.close()
+        raise OSError(err, os.strerror(err))
+    return bs
+
+
+class Plan:
+    """How one listener hands off, rebuilt when its config changes (a hand-off in progress
+    keeps the plan it started with)."""
+
+    __slots__ = ("connect_timeout", "deadlines", "dial", "greeting_timeout", "poller",
+                 "proxy", "sink", "smtp")
+
+    def __init__(self, *, sink: Sink, poller: Poller, deadlines: Deadlines, dial: Dialer,
+                 smtp: bool, proxy: str | None, connect_timeout: float,
+                 greeting_timeout: float) -> None:
+        self.sink, self.poller, self.deadlines, self.dial = sink, poller, deadlines, dial
+        self.smtp, self.proxy = smtp, proxy
+        self.connect_timeout = connect_timeout
+        self.greeting_timeout = greeting_timeout
 
 
 class Handoff:
-    __slots__ = ("addr", "backend", "bs", "conn", "deadline", "lst", "step", "t0", "todo",
-                 "tried")
+    __slots__ = ("addr", "backend", "bs", "conn", "plan", "released", "step", "t0", "tag",
+                 "todo", "token", "tried")
 
-    def __init__(self, lst: Listener, conn: socket.socket, addr: Address,
+    def __init__(self, plan: Plan, conn: socket.socket, addr: Address,
                  candidates: list[Backend]) -> None:
-        self.lst = lst
+        self.plan = plan
         self.conn = conn
         self.addr = addr
         self.todo = candidates
         self.tried = 0
         self.backend: Backend | None = None
         self.bs: socket.socket | None = None
-        # checked by the listener's watchdog (Listener.watch), not a timer per connection:
-        # a TimerHandle created and cancelled twice per session was ~3% of the churn cost
-        self.deadline = math.inf
         self.step = ""  # what the deadline is for: connect, greeting, or direct (both)
         self.t0 = 0.0
+        self.token = 0  # Deadlines' bookkeeping
+        self.tag: object = None  # the sink's own record of this connection
+        self.released = False
+
+    @property
+    def waiting(self) -> bool:
+        return self.bs is not None
 
     def start(self) -> None:
-        self.lst.watch(self)
         self._next()
-
-    def expire(self) -> None:
-        """Called by the listener's watchdog once `deadline` has passed."""
-        self.deadline = math.inf
-        if self.step == "direct":
-            self._deadline()
-        else:
-            self._expired(self.step)
 
     # --- steps ----------------------------------------------------------------------------
 
     def _next(self) -> None:
+        plan = self.plan
         while self.todo:
             b = self.todo.pop(0)
             self.tried += 1
-            if self._connect(b):
-                return  # waiting for the poller
-        self.lst.handoffs.discard(self)
-        self.lst.refuse_later(self.conn, self.addr,
-                              "backend_failed_421" if self.tried else "no_backend_421")
+            try:
+                bs = plan.dial(b)
+            except OSError as e:
+                if e.errno in LOCAL_ERRNOS:  # the backend is fine, we are out of fds
+                    break
+                b.passive_failure("connect", e.strerror or str(e))
+                continue
+            self._wait(b, bs)
+            return
+        plan.sink.refused(self, "backend_failed_421" if self.tried else "no_backend_421")
 
-    def _connect(self, b: Backend) -> bool:
-        sa = b.sockaddr
-        assert sa is not None
-        try:  # non-blocking from birth: no ioctl
-            bs = socket.socket(sa[0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        except OSError as e:  # out of fds: this backend is fine, we are not
-            b.passive_failure("connect", e.strerror or str(e))
-            return False
-        tune(bs, self.lst.cfg)
-        err = bs.connect_ex(sa[1])
-        if err and err != errno.EINPROGRESS:
-            bs.close()
-            b.passive_failure("connect", os.strerror(err))
-            return False
-        lst = self.lst
-        cfg = lst.cfg
-        self.backend, self.bs, self.t0 = b, bs, lst.loop.time()
-        if cfg.mode == "smtp" and not cfg.send_proxy:
-            # The greeting proves the connect: wait for it straight away.  No writable
-            # wait, no SO_ERROR read, one epoll_ctl and one wake-up fewer per session; a
-            # refused connect shows up as an error on the first read (see _greeted).
-            self.deadline = self.t0 + min(cfg.connect_timeout, cfg.greeting_timeout)
+    def _wait(self, b: Backend, bs: socket.socket) -> None:
+        plan = self.plan
+        now = plan.poller.loop.time()
+        self.backend, self.bs, self.t0 = b, bs, now
+        if plan.smtp and not plan.proxy:
             self.step = "direct"
-            lst.poller.add_reader(bs.fileno(), self._greeted)
-            return True
-        self.deadline, self.step = self.t0 + cfg.connect_timeout, "connect"
-        lst.poller.add_writer(bs.fileno(), self._connected)
-        return True
-
-    def _deadline(self) -> None:
-        """One deadline for both limits of the direct-to-greeting path, both counted from the
-        start of the connect: not connected by `connect_timeout` is a connect failure,
-        connected but silent at `greeting_timeout` a greeting failure."""
-        bs, lst = self.bs, self.lst
-        assert bs is not None
-        try:
-            bs.getpeername()
-            step, limit = "greeting", lst.cfg.greeting_timeout
-        except OSError:  # ENOTCONN: the handshake has not completed
-            step, limit = "connect", lst.cfg.connect_timeout
-        left = limit - (lst.loop.time() - self.t0)
-        if left > 0.001:  # the first deadline was the smaller limit: wait for the other
-            self.deadline = lst.loop.time() + left
+            plan.deadlines.set(self, now + min(plan.connect_timeout, plan.greeting_timeout))
+            plan.poller.add_reader(bs.fileno(), self._greeted)
         else:
-            self._expired(step)
+            self.step = "connect"
+            plan.deadlines.set(self, now + plan.connect_timeout)
+            plan.poller.add_writer(bs.fileno(), self._connected)
 
     def _connected(self) -> None:
-        bs, b, lst = self.bs, self.backend, self.lst
+        bs, b, plan = self.bs, self.backend, self.plan
         assert bs is not None and b is not None
         err = bs.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._failed("connect", os.strerror(err))
             return
-        self.deadline = math.inf
-        b.metrics.connect.observe(lst.loop.time() - self.t0)
+        b.connect_time(plan.poller.loop.time() - self.t0)
+        if plan.proxy:
+            try:
+                bs.send(proxy_protocol.header_for_socket(plan.proxy, self.conn))
+            except OSError as e:
+                self._failed("connect", e.strerror or str(e))
+                return
         fd = bs.fileno()
-        cfg = lst.cfg
-        try:
-            if cfg.send_proxy:
-                bs.send(proxy_protocol.header_for_socket(cfg.send_proxy, self.conn))
-        except OSError as e:
-            self._failed("connect", e.strerror or str(e))
+        if plan.smtp:
+            self.step = "greeting"
+            plan.deadlines.set(self, plan.poller.loop.time() + plan.greeting_timeout)
+            plan.poller.swap_to_reader(fd, self._greeted)  # one epoll_ctl
             return
-        if cfg.mode == "smtp":
-            # one epoll_ctl: the registration turns from "writable" to "readable"
-            lst.poller.swap_to_reader(fd, self._greeted)
-            self.deadline, self.step = lst.loop.time() + cfg.greeting_timeout, "greeting"
-            return
-        lst.poller.drop_writer(fd)  # PipeSplice.start re-arms the fd: one epoll_ctl
-        self._splice()
+        plan.deadlines.clear(self)
+        plan.poller.drop_writer(fd)  # the splice re-arms the fd: one epoll_ctl
+        self._done(b"")
 
     def _greeted(self) -> None:
-        """The greeting is read here and passed to the client before the splice starts: a
-        backend that resets right after greeting would otherwise destroy the unread
-        greeting in our receive queue, and the client would see a reset before any reply
-        (the no-silent-drop rule wants a 421 or a next backend then)."""
-        bs, b = self.bs, self.backend
+        """The greeting is read here and passed on before the splice starts: a backend that
+        resets right after greeting would otherwise destroy the unread greeting in our
+        receive queue, and the client would see a reset before any reply."""
+        bs, b, plan = self.bs, self.backend, self.plan
         assert bs is not None and b is not None
         try:
             greeting = bs.recv(COPY_MAX)
         except (BlockingIOError, InterruptedError):
             return  # spurious: keep waiting
         except OSError as e:
-            if e.errno in _CONNECT_ERRNOS:  # the direct-to-greeting path's failed connect
+            if e.errno in CONNECT_ERRNOS:  # the direct path's failed connect
                 self._failed("connect", e.strerror or str(e))
                 return
             greeting = b""
         if not greeting:
             self._failed("greeting", "closed or reset before a greeting")
             return
-        self.deadline = math.inf
+        plan.deadlines.clear(self)
         if self.step == "direct":  # the connect is not timed apart from the greeting
-            b.metrics.connect.observe(self.lst.loop.time() - self.t0)
-        self.lst.poller.drop_reader(bs.fileno())  # re-armed as it is by PipeSplice.start
-        self._splice(greeting)
+            b.connect_time(plan.poller.loop.time() - self.t0)
+        plan.poller.drop_reader(bs.fileno())  # re-armed as it is by the splice
+        self._done(greeting)
 
-    def _expired(self, step: str) -> None:
-        self._failed(step, "timeout" if step == "connect" else "no greeting before timeout")
+    def expire(self) -> None:
+        """Deadlines calls this once the step's deadline has passed."""
+        if self.step == "direct":
+            self._direct_expired()
+        elif self.step == "connect":
+            self._failed("connect", "timeout")
+        else:
+            self._failed("greeting", "no greeting before timeout")
+
+    def _direct_expired(self) -> None:
+        """Both limits of the direct path count from the start of the connect: not
+        connected by connect_timeout is a connect failure, connected but silent at
+        greeting_timeout a greeting failure.  The first deadline was the smaller one."""
+        bs, plan = self.bs, self.plan
+        assert bs is not None
+        try:
+            bs.getpeername()
+            step, limit = "greeting", plan.greeting_timeout
+        except OSError:  # ENOTCONN: the handshake has not completed
+            step, limit = "connect", plan.connect_timeout
+        now = plan.poller.loop.time()
+        if self.t0 + limit > now + 0.001:
+            plan.deadlines.set(self, self.t0 + limit)
+        else:
+            self._failed(step, "timeout" if step == "connect" else
+                         "no greeting before timeout")
+
+    def release(self, reason: str) -> None:
+        """The backend we wait for was declared down: move on now instead of waiting out
+        the deadline (not a passive failure of its own: the verdict is already in)."""
+        if self.bs is None:
+            return
+        self.released = True
+        self._drop_attempt()
+        self._next()
 
     def _failed(self, step: str, detail: str) -> None:
-        bs, b = self.bs, self.backend
-        assert bs is not None and b is not None
-        self.deadline = math.inf
-        self.lst.poller.forget(bs.fileno())  # closing the socket removes it from epoll
-        if step == "greeting":
-            bs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        bs.close()
-        self.bs = None
+        b = self.backend
+        assert b is not None
+        self._drop_attempt()
         b.passive_failure(step, detail)
         self._next()
 
-    def _splice(self, greeting: bytes = b"") -> None:
-        lst, bs, b = self.lst, self.bs, self.backend
-        assert bs is not None and b is not None
-        lst.handoffs.discard(self)
-        sp = PipeSplice(lst.loop, self.conn, bs, lst._finished, (self.addr, b))
-        sp.started = time.monotonic()
-        lst.splices.add(sp)
-        lst.metrics.active.inc()
-        sp.start(greeting)
+    def _drop_attempt(self) -> None:
+        bs = self.bs
+        assert bs is not None
+        self.plan.deadlines.clear(self)
+        self.plan.poller.forget(bs.fileno())  # closing removes it from the epoll set
+        reset(bs)
+        self.bs = None
+
+    def _done(self, greeting: bytes) -> None:
+        self.plan.sink.ready(self, greeting)
 
     def abort(self) -> None:
-        """At shutdown, or when no splice could be set up: both sockets closed."""
-        self.lst.handoffs.discard(self)
-        self.deadline = math.inf
+        """Shutting down: both sockets closed with a reset; the sink is not called."""
         if self.bs is not None:
-            self.lst.poller.forget(self.bs.fileno())
-            self.bs.close()
-            self.bs = None
-        self.conn.close()
-        self.lst.release(self.addr)
+            self._drop_attempt()
+        reset(self.conn)

@@ -1,154 +1,50 @@
-"""Zero-copy relay for Linux: socket -> pipe -> socket with os.splice(), per direction.
+"""The relay: socket -> pipe -> socket with os.splice(), per direction, the product's one
+data path.
 
 The bytes never enter Python: each readiness callback moves up to CHUNK bytes through a
-kernel pipe.
+kernel pipe.  Small exchanges (a greeting, an SMTP command) are copied with recv/send
+instead, because a pipe pair costs eight syscalls to set up and tear down, more than a
+short session moves; the first full read or blocked send switches a direction to a pipe.
+Without os.splice (not Linux) or without a free fd for a pipe, a direction keeps copying:
+slower, same contract.  (The first build also had an asyncio Protocol relay; on every
+workload of the benchmark the splice path matched or beat it at half the CPU per GB and
+1.5x the sessions per second, so it was removed: README, "Benchmark".)
 
-Readiness comes from our own epoll set, itself registered once with the event loop:
-uvloop's add_reader() silently drops a reader when the fd reports EPOLLERR (libuv stops
-the poll handle, uvloop swallows the OSError), so a backend's RST would leave the splice
-hanging.  Our epoll reports ERR/HUP as readable and writable, and the splice sees the error
-on its next os.splice() call.
+Readiness comes from the Poller (poller.py: uvloop drops readers on EPOLLERR).
 
-Same contract as relay.Splice: half-close per direction, flow control (a direction stops
-reading while its pipe cannot be flushed), a RST to the other side on an error,
-`on_done(splice, outcome)` exactly once.
+The contract: half-close per direction (an EOF is passed on as shutdown(SHUT_WR) once the
+direction is drained, the other direction keeps flowing); flow control (a direction stops
+reading while its destination cannot take more); every byte read is delivered or the
+other side is reset, never a FIN after a loss; `on_done(splice, outcome)` exactly once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import fcntl
 import os
-import select
 import socket
-import struct
 from collections.abc import Callable
 from typing import Any
+
+from ..net.sockets import reset
+from .poller import Poller
 
 CHUNK = 1 << 20
 COPY_MAX = 16384
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-_LINGER_RST = struct.pack("ii", 1, 0)
+HAVE_SPLICE = hasattr(os, "splice")
+_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if HAVE_SPLICE else 0
 _AGAIN = (BlockingIOError, InterruptedError)
-
-
-def available() -> bool:
-    return hasattr(os, "splice")
-
-
-Callback = Callable[[], None]
-_IN = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
-_OUT = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
-
-
-class Poller:
-    """One epoll set per event loop, for the splice relays' sockets."""
-
-    _instances: dict[int, Poller] = {}
-
-    @classmethod
-    def for_loop(cls, loop: asyncio.AbstractEventLoop) -> Poller:
-        p = cls._instances.get(id(loop))
-        if p is None or p.loop is not loop:
-            p = cls._instances[id(loop)] = Poller(loop)
-        return p
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.ep = select.epoll()
-        self.readers: dict[int, Callback] = {}
-        self.writers: dict[int, Callback] = {}
-        self.masks: dict[int, int] = {}
-        # fds dropped while a batch of events is dispatched: the rest of that batch may
-        # hold stale events for them, and a new socket may already reuse the number
-        self._dead: set[int] = set()
-        loop.add_reader(self.ep.fileno(), self._ready)
-
-    def _update(self, fd: int) -> None:
-        mask = (select.EPOLLIN | select.EPOLLRDHUP if fd in self.readers else 0) | \
-               (select.EPOLLOUT if fd in self.writers else 0)
-        old = self.masks.get(fd)
-        if mask == old:
-            return
-        if not mask:
-            del self.masks[fd]
-            self._dead.add(fd)
-            try:
-                self.ep.unregister(fd)
-            except OSError:
-                pass
-        elif old is None:
-            self.ep.register(fd, mask)
-            self.masks[fd] = mask
-        else:
-            self.ep.modify(fd, mask)
-            self.masks[fd] = mask
-
-    def add_reader(self, fd: int, cb: Callback) -> None:
-        self.readers[fd] = cb
-        self._update(fd)
-
-    def remove_reader(self, fd: int) -> None:
-        if self.readers.pop(fd, None) is not None:
-            self._update(fd)
-
-    def add_writer(self, fd: int, cb: Callback) -> None:
-        self.writers[fd] = cb
-        self._update(fd)
-
-    def remove_writer(self, fd: int) -> None:
-        if self.writers.pop(fd, None) is not None:
-            self._update(fd)
-
-    # Cheaper transitions for the hand-off (each epoll_ctl is a syscall per connection):
-
-    def swap_to_reader(self, fd: int, cb: Callback) -> None:
-        """Writable-wait becomes readable-wait with one epoll_ctl."""
-        self.writers.pop(fd, None)
-        self.readers[fd] = cb
-        self._update(fd)
-
-    def drop_writer(self, fd: int) -> None:
-        """No callback any more, but the kernel registration stays until the caller's
-        next add_reader turns it into a read registration (one epoll_ctl, not two)."""
-        self.writers.pop(fd, None)
-
-    def drop_reader(self, fd: int) -> None:
-        self.readers.pop(fd, None)
-
-    def forget(self, fd: int) -> None:
-        """The caller closes fd next, which removes it from the epoll set: no epoll_ctl."""
-        self.readers.pop(fd, None)
-        self.writers.pop(fd, None)
-        self.masks.pop(fd, None)
-        self._dead.add(fd)
-
-    def _ready(self) -> None:
-        dead = self._dead
-        dead.clear()
-        for fd, ev in self.ep.poll(0, 512):
-            if fd in dead:
-                continue
-            if ev & _IN:
-                cb = self.readers.get(fd)
-                if cb is not None:
-                    cb()
-            if ev & _OUT:
-                cb = self.writers.get(fd)
-                if cb is not None:
-                    cb()
 
 
 class _Direction:
     __slots__ = ("dst", "dst_fd", "eof", "held", "nbytes", "owner", "peer", "pipe_r",
                  "pipe_w", "poller", "queued", "reading", "shut", "src", "src_fd", "writing")
 
-    def __init__(self, owner: PipeSplice, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, owner: Splice, src: socket.socket, dst: socket.socket) -> None:
         self.owner = owner
-        self.peer: _Direction = self  # the other direction, set by PipeSplice
+        self.peer: _Direction = self  # the other direction, set by Splice
         self.poller = owner.poller
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
@@ -197,8 +93,10 @@ class _Direction:
         self.writing = on
 
     def _make_pipe(self) -> bool:
-        """False when no pipe can be had (out of file descriptors): the direction then
-        stays in copy mode, slower but correct, instead of failing the session."""
+        """False when no pipe can be had (out of file descriptors, or no os.splice): the
+        direction then stays in copy mode, slower but correct, instead of failing."""
+        if not HAVE_SPLICE:
+            return False
         try:
             self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -332,16 +230,16 @@ class _Direction:
                     pass
 
 
-class PipeSplice:
-    """A client/backend pair relayed with os.splice()."""
+class Splice:
+    """A client/backend pair relayed with os.splice() (or copies, see the module doc)."""
 
     __slots__ = ("backend", "client", "done", "down", "on_done", "outcome", "poller",
                  "started", "tag", "up")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: socket.socket,
+    def __init__(self, poller: Poller, client: socket.socket,
                  backend: socket.socket, on_done: Callable[[Any, str], None],
                  tag: Any = None) -> None:
-        self.poller = Poller.for_loop(loop)
+        self.poller = poller
         self.client, self.backend = client, backend
         self.on_done = on_done
         self.tag = tag
@@ -378,19 +276,19 @@ class PipeSplice:
 
     def check_done(self) -> None:
         if self.up.shut and self.down.shut:
-            self._close(reset=False)
+            self._close(cut=False)
 
     def failed(self, exc: OSError) -> None:
         if self.outcome == "spliced":
             self.outcome = "error"
         # an error on one side: make the cut visible on the other with a RST
-        self._close(reset=True)
+        self._close(cut=True)
 
     def abort(self, outcome: str) -> None:
         self.outcome = outcome
-        self._close(reset=True)
+        self._close(cut=True)
 
-    def _close(self, reset: bool) -> None:
+    def _close(self, cut: bool) -> None:
         if self.done:
             return
         self.done = True
@@ -400,77 +298,8 @@ class PipeSplice:
         self.up.close_pipes()
         self.down.close_pipes()
         for s in (self.client, self.backend):
-            if reset:
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-                except OSError:
-                    pass
-            s.close()
+            if cut:
+                reset(s)
+            else:
+                s.close()
         self.on_done(self, self.outcome)
-
-
-async def poll_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                        timeout: float) -> bool:
-    """True once `sock` is readable (data, EOF or an error), False after `timeout`."""
-    poller = Poller.for_loop(loop)
-    fut: asyncio.Future[bool] = loop.create_future()
-    fd = sock.fileno()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(True)
-
-    def expired() -> None:
-        if not fut.done():
-            fut.set_result(False)
-
-    poller.add_reader(fd, ready)
-    timer = loop.call_later(timeout, expired)
-    try:
-        return await fut
-    finally:
-        timer.cancel()
-        poller.remove_reader(fd)
-
-
-async def poll_connect(loop: asyncio.AbstractEventLoop, host: str, port: int,
-                       timeout: float) -> socket.socket:
-    """A non-blocking TCP connect that fails as soon as the kernel knows (refused,
-    unreachable) and raises TimeoutError after `timeout`."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
-    except socket.gaierror:  # a host name: resolve without blocking the loop
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    family, stype, proto, _, addr = infos[0]
-    sock = socket.socket(family, stype, proto)
-    sock.setblocking(False)
-    try:
-        err = sock.connect_ex(addr)
-        if err == errno.EINPROGRESS:
-            poller = Poller.for_loop(loop)
-            fut: asyncio.Future[None] = loop.create_future()
-            fd = sock.fileno()
-
-            def done() -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            poller.add_writer(fd, done)
-            def expired() -> None:
-                if not fut.done():
-                    fut.set_exception(TimeoutError(f"connect to {host}:{port} timed out"))
-
-            timer = loop.call_later(timeout, expired)
-            try:
-                await fut
-            finally:
-                timer.cancel()
-                poller.remove_writer(fd)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise OSError(err, os.strerror(err))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
