@@ -7,8 +7,12 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from .installed import Installed
 
 
 def need_root() -> None:
@@ -72,3 +76,16 @@ def no_forwarder_left_behind() -> Iterator[None]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert not left, f"forwarder processes left behind by the tests: {sorted(left)}"
+
+
+@pytest.fixture(scope="session")
+def installed_forwarder() -> Iterator[Installed]:
+    """The project installed where `nobody` can read it, wherever this checkout lives (a
+    clone under a 0700 directory): for tests that start the forwarder as another user.
+    Built once per session from the checkout and this venv (tests/installed.py), removed
+    at the end even when a test failed."""
+    need_root()
+    from .installed import install
+
+    with install("nobody") as inst:
+        yield inst

@@ -14,6 +14,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .conftest import need_root, need_tool
 from .helpers import (
@@ -28,6 +29,9 @@ from .helpers import (
     wait_until,
 )
 from .test_gate_root import _free_privileged_port, _ids
+
+if TYPE_CHECKING:
+    from .installed import Installed
 
 UNITS = ROOT / "deploy" / "systemd"
 
@@ -208,18 +212,26 @@ backend = "127.0.0.1:{bport}"
     shutil.rmtree(notify_dir, ignore_errors=True)
 
 
-def test_cap_net_bind_service_as_nobody(tmp_path: Path) -> None:
+def test_cap_net_bind_service_as_nobody(installed_forwarder: Installed) -> None:
+    """Started as nobody with only CAP_NET_BIND_SERVICE (what forwarder-capability.service
+    gives it): binds a port < 1024 and toggles it.  It runs the copy installed where nobody
+    can read it (tests/installed.py), not this checkout, which may sit under a 0700
+    directory, as an install in root's home would."""
     need_root()
     setpriv = need_tool("setpriv")
     port = _free_privileged_port("127.0.0.1")
     bport = free_port()
     prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--init-groups",
               "--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
-    fw = Forwarder(args=["--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{bport}",
-                         "--probe", "tcp", "--interval", "0.1"], prefix=prefix)
+    fw = Forwarder()
+    fw.cmd = [*prefix, *installed_forwarder.forwarder, "--listen", f"127.0.0.1:{port}",
+              "--backend", f"127.0.0.1:{bport}", "--probe", "tcp", "--interval", "0.1",
+              "--log-format", "json", "--log-level", "debug"]
     with fw:
         ids = _ids(fw.pid)
         assert ids["Uid"][0] == 65534
+        cmdline = Path(f"/proc/{fw.pid}/cmdline").read_bytes().split(b"\0")
+        assert installed_forwarder.forwarder[0].encode() in cmdline, cmdline
         for _ in range(2):
             assert connect_result("127.0.0.1", port) == "refused"
             with EchoBackend(bport):
