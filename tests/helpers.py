@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
@@ -64,6 +65,17 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+async def until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    """wait_until for a test's own event loop: poll state the code under test keeps (a
+    counter, a flag) where it offers no event to await; bounded."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():  # polling the state under test: it offers no event
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
 
 
 def wait_port(host: str, port: int, state: str, timeout: float) -> float:

@@ -5,7 +5,8 @@
                                [--json OUT] [--markdown]
 
 Rows: `direct` (no forwarder), `forwarder` (splice relay, tcp probe, gate, admin/metrics,
-log level info, tcp mode like haproxy's), `forwarder-protocol` (--relay protocol),
+log level info, tcp mode like haproxy's), `forwarder-base` (the same with the executable
+given by --baseline, e.g. a worktree of main before a change: an A/B in one run),
 `forwarder-smtp` (smtp mode and smtp probe, as on port 25: greeting read before the splice,
 421 when no backend; no bulk column, iperf3 sends no greeting), `haproxy` (tcp mode, defaults),
 `haproxy-tuned` (tune.bufsize 262144, splice-auto), `socat` (fork per connection), `xinetd`
@@ -57,7 +58,7 @@ ROOT = HERE.parent.parent
 BUILD = HERE / ".build"
 HOST = "127.0.0.1"
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
-ALL_ROWS = ("direct", "forwarder", "forwarder-protocol", "forwarder-smtp", "haproxy",
+ALL_ROWS = ("direct", "forwarder", "forwarder-base", "forwarder-smtp", "haproxy",
             "haproxy-tuned", "socat", "xinetd", "systemd-socket-proxyd")
 NO_BULK = frozenset({"forwarder-smtp"})  # iperf3 sends no greeting for smtp mode to pass on
 FORKING = frozenset({"socat", "xinetd"})
@@ -344,7 +345,12 @@ class Row:
     proc: subprocess.Popen[bytes] | None = None
 
 
-def forwarder_exe() -> str | None:
+BASELINE: list[str] = []  # --baseline: the forwarder executable of the forwarder-base row
+
+
+def forwarder_exe(name: str = "forwarder") -> str | None:
+    if name == "forwarder-base":
+        return BASELINE[0] if BASELINE else None
     cand = Path(sys.executable).parent / "forwarder"
     if cand.exists():
         return str(cand)
@@ -358,13 +364,13 @@ def sbin(name: str) -> str | None:
 
 def missing_reason(name: str) -> str | None:
     needs: dict[str, list[str]] = {
-        "forwarder": ["forwarder"], "forwarder-protocol": ["forwarder"],
+        "forwarder": ["forwarder"], "forwarder-base": ["forwarder-base"],
         "forwarder-smtp": ["forwarder"],
         "haproxy": ["haproxy"], "haproxy-tuned": ["haproxy"], "socat": ["socat"],
         "xinetd": ["xinetd"], "systemd-socket-proxyd": ["systemd-socket-activate", PROXYD],
     }
     for tool in needs.get(name, []):
-        found = (forwarder_exe() if tool == "forwarder"
+        found = (forwarder_exe(tool) if tool.startswith("forwarder")
                  else tool if tool.startswith("/") and os.access(tool, os.X_OK)
                  else sbin(tool))
         if not found:
@@ -411,10 +417,9 @@ def start_row(name: str, backend: int, tmp: Path) -> Row:
     be = f"{HOST}:{backend}"
     cmd: list[str]
     if name.startswith("forwarder"):
-        relay = "protocol" if name == "forwarder-protocol" else "splice"
         kind = "smtp" if name == "forwarder-smtp" else "tcp"  # mode follows the probe kind
-        cmd = [str(forwarder_exe()), "--listen", f"{HOST}:{port}", "--backend", be,
-               "--probe", kind, "--mode", kind, "--relay", relay,
+        cmd = [str(forwarder_exe(name)), "--listen", f"{HOST}:{port}", "--backend", be,
+               "--probe", kind, "--mode", kind,
                "--admin", f"{HOST}:{free_port()}", "--log-level", "info"]
     elif name.startswith("haproxy"):
         cfg = d / "haproxy.cfg"
@@ -820,7 +825,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-conns", type=int, help="idle connections for the mem workload")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     p.add_argument("--markdown", action="store_true", help="markdown tables (for the README)")
+    p.add_argument("--baseline", metavar="EXE",
+                   help="forwarder executable of another build for the forwarder-base row")
     ns = p.parse_args(argv)
+    if ns.baseline:
+        BASELINE.append(ns.baseline)
     mode = MODES["smoke" if ns.smoke else "quick" if ns.quick else "full"]
     if ns.rows:
         names = [n.strip() for n in ns.rows.split(",") if n.strip()]
