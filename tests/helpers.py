@@ -133,7 +133,11 @@ class Forwarder:
         return self
 
     def __enter__(self) -> Forwarder:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # a forwarder that never got ready must not outlive its test
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
