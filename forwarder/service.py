@@ -295,20 +295,17 @@ class Service:
         return out
 
     def drain(self, name: str | None = None) -> list[str]:
-        out = []
-        for lst in self.listeners.values():
-            if name in (None, lst.cfg.name):
-                lst.gate.drain()
-                out.append(lst.cfg.name)
-        return out
+        """Close the gate of `name` (None: every listener) for maintenance."""
+        return self._each(name, lambda lst: lst.gate.drain())
 
     def resume(self, name: str | None = None) -> list[str]:
-        out = []
-        for lst in self.listeners.values():
-            if name in (None, lst.cfg.name):
-                lst.gate.resume()
-                out.append(lst.cfg.name)
-        return out
+        return self._each(name, lambda lst: lst.gate.resume())
+
+    def _each(self, name: str | None, fn: Callable[[Listener], None]) -> list[str]:
+        done = [lst for lst in self.listeners.values() if name in (None, lst.cfg.name)]
+        for lst in done:
+            fn(lst)
+        return [lst.cfg.name for lst in done]
 
 
 def _pinger(interval: float) -> Callable[[], Awaitable[None]]:

@@ -74,10 +74,8 @@ class Backend:
             self._task = supervise.spawn("probe", self._run, name=self.name)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await supervise.cancel(self._task)
+        self._task = None
         self.metrics.up.set(0)
 
     def reconfigure(self, cfg: BackendConfig, probe_cfg: ProbeConfig,

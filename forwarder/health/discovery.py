@@ -386,8 +386,6 @@ class Discovery:
 
     async def stop(self) -> None:
         """Stop re-resolving; the peers stay in the pool until the owner removes them."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await supervise.cancel(self._task)
+        self._task = None
         self.peers_gauge.set(0)

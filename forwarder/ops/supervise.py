@@ -60,3 +60,10 @@ def spawn(task: str, run: Callable[[], Awaitable[None]], *, name: str = "",
     return asyncio.get_running_loop().create_task(
         supervised(task, run, name=name, backoff_first=backoff_first),
         name=f"{task} {name}".strip())
+
+
+async def cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel `task` and wait until it has ended (None: nothing to stop)."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

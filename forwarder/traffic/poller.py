@@ -55,7 +55,8 @@ class Poller:
             self.loop.remove_reader(self.ep.fileno())
             self.ep.close()
 
-    def _update(self, fd: int) -> None:
+    def sync(self, fd: int) -> None:
+        """Make the kernel registration of fd match its callbacks."""
         mask = (select.EPOLLIN | select.EPOLLRDHUP if fd in self.readers else 0) | \
                (select.EPOLLOUT if fd in self.writers else 0)
         old = self.masks.get(fd)
@@ -77,25 +78,25 @@ class Poller:
 
     def add_reader(self, fd: int, cb: Callback) -> None:
         self.readers[fd] = cb
-        self._update(fd)
+        self.sync(fd)
 
     def remove_reader(self, fd: int) -> None:
         if self.readers.pop(fd, None) is not None:
-            self._update(fd)
+            self.sync(fd)
 
     def add_writer(self, fd: int, cb: Callback) -> None:
         self.writers[fd] = cb
-        self._update(fd)
+        self.sync(fd)
 
     def remove_writer(self, fd: int) -> None:
         if self.writers.pop(fd, None) is not None:
-            self._update(fd)
+            self.sync(fd)
 
     def swap_to_reader(self, fd: int, cb: Callback) -> None:
         """Writable-wait becomes readable-wait with one epoll_ctl."""
         self.writers.pop(fd, None)
         self.readers[fd] = cb
-        self._update(fd)
+        self.sync(fd)
 
     def drop_writer(self, fd: int) -> None:
         """No callback any more, but the kernel registration stays until the caller's

@@ -64,19 +64,25 @@ class _Direction:
         """Start with `data` already read from src: sent now, any rest held until dst
         can take it (then reading starts)."""
         self.nbytes += len(data)
-        try:
-            sent = self.dst.send(data)
-        except _AGAIN:
-            sent = 0
-        except OSError as e:
-            self.owner.failed(e)
+        sent = self._send(data)
+        if sent < 0:
             return
         if sent == len(data):
             self._want_read(True)
         else:
             self.held = memoryview(data)[sent:]
-            self.poller._update(self.src_fd)  # not read until the rest is out
+            self.poller.sync(self.src_fd)  # not read until the rest is out
             self._want_write(True)
+
+    def _send(self, data: bytes | memoryview) -> int:
+        """Bytes sent (0: the destination is full); -1 after a failure, reported."""
+        try:
+            return self.dst.send(data)
+        except _AGAIN:
+            return 0
+        except OSError as e:
+            self.owner.failed(e)
+            return -1
 
     def _want_read(self, on: bool) -> None:
         if on and not self.reading:
@@ -122,12 +128,8 @@ class _Direction:
             self._at_eof()
             return
         self.nbytes += len(data)
-        try:
-            sent = self.dst.send(data)
-        except _AGAIN:
-            sent = 0
-        except OSError as e:
-            self.owner.failed(e)
+        sent = self._send(data)
+        if sent < 0:
             return
         if sent < len(data) or len(data) == COPY_MAX:
             if self._make_pipe():
@@ -143,12 +145,8 @@ class _Direction:
 
     def _send_held(self) -> None:
         assert self.held is not None
-        try:
-            n = self.dst.send(self.held)
-        except _AGAIN:
-            return
-        except OSError as e:
-            self.owner.failed(e)
+        n = self._send(self.held)
+        if n <= 0:
             return
         self.held = self.held[n:] if n < len(self.held) else None
         if self.held is None:
