@@ -2,6 +2,11 @@
 
 The `smtp` probe exists because a hung JVM still completes the TCP handshake: only a
 greeting within the timeout proves the backend would serve a sender.
+
+`run_check(check, target, send_proxy)` is the entry point for every kind (tcp, smtp with
+EHLO/MAIL/RCPT, http, exec, agent), driven by a `CheckConfig`; each kind lives in its own
+module under `checks/`.  `probe(kind, ep, timeout, send_proxy)` below is the older tcp/smtp
+probe, kept unchanged while the prober moves over to `run_check`.
 """
 
 from __future__ import annotations
@@ -11,19 +16,13 @@ import contextlib
 import socket
 import struct
 import time
-from dataclasses import dataclass
 
 from ..config.model import Endpoint, ProbeKind
 from ..net import proxy_protocol
+from .checks import run_check
+from .result import ProbeResult
 
-
-@dataclass(frozen=True)
-class ProbeResult:
-    ok: bool
-    result: str  # "success" | "failure" | "timeout"
-    detail: str
-    duration: float
-    at: float  # wall clock, for /status
+__all__ = ["ProbeResult", "probe", "run_check"]
 
 
 def _done(ok: bool, result: str, detail: str, t0: float) -> ProbeResult:
