@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 Mode = Literal["smtp", "tcp"]
@@ -84,16 +84,26 @@ class CheckConfig:
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
-    kind: ProbeKind = "tcp"
+class ProbeConfig(CheckConfig):
+    """How a backend is probed: the schedule and rise/fall, the first check (the inherited
+    fields), and any further `checks`; a probe round passes only when every check does."""
+
     interval: float = 2.0
     # While a rise/fall is pending, probe this often (HAProxy's fastinter): a state change
     # is confirmed in a fraction of a second instead of `rise` full intervals.
     fast_interval: float = 0.25
-    timeout: float = 2.0
     rise: int = 2
     fall: int = 2
     jitter: float = 0.1
+    checks: tuple[CheckConfig, ...] = ()
+
+    @property
+    def all_checks(self) -> tuple[CheckConfig, ...]:
+        first = CheckConfig(**{f.name: getattr(self, f.name) for f in fields(CheckConfig)})
+        return (first, *self.checks)
+
+
+CHECK_FIELDS = tuple(f.name for f in fields(CheckConfig))
 
 
 @dataclass(frozen=True)
@@ -164,7 +174,8 @@ class ListenerConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     connect_timeout: float = 5.0
     idle_timeout: float = 600.0
-    greeting_timeout: float = 10.0
+    greeting_timeout: float | Literal["auto"] = "auto"  # see health/greeting.py
+    greeting_timeout_max: float = 10.0
     send_proxy: ProxyVersion | None = None
     hostname: str | None = None  # for the 421 text; default: this host's FQDN
     discovery: DiscoveryConfig | None = None
@@ -193,6 +204,9 @@ class Config:
     drain_timeout: float = 30.0
     admin: Endpoint | None = None
     log: LogConfig = field(default_factory=LogConfig)
+    # where an operator's drain is kept across restarts; None: $STATE_DIRECTORY/state.json
+    # under systemd (StateDirectory=), else nowhere
+    state_file: str | None = None
     source: str = "<cli>"
     # where each key was written, for errors found after reading (see `Place`)
     places: Place | None = field(default=None, compare=False, repr=False, metadata=DERIVED)

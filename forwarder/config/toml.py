@@ -15,13 +15,15 @@ import re
 import tomllib
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from .checks import validate
 from .load import read_file
 from .model import (
     AccessConfig,
     BackendConfig,
+    CheckConfig,
     Config,
     ConfigError,
     Cps,
@@ -209,6 +211,7 @@ def _config_from_dict(data: dict[str, Any], lines: dict[str, int], file: str) ->
     user = r.get("user", str)
     group = r.get("group", str)
     drain = r.number("drain_timeout", 30.0, allow_zero=True)
+    state_file = r.get("state_file", str)
     admin_s = r.get("admin", str)
     admin = r.wrap("admin", parse_endpoint, admin_s, "admin") if admin_s else None
     log = LogConfig()
@@ -231,23 +234,98 @@ def _config_from_dict(data: dict[str, Any], lines: dict[str, int], file: str) ->
     r.done()
     return validate(Config(listeners=tuple(listeners), user=user, group=group,
                            drain_timeout=drain, admin=admin, log=log, source=file,
+                           state_file=state_file,
                            places=_TomlPlace(file, lines)))
 
 
+KINDS = ("tcp", "smtp", "http", "exec", "agent")
+# the check fields that apply to one kind only; a field given for another kind is a typo
+KIND_FIELDS = {"ehlo": "smtp", "mail_from": "smtp", "rcpt_to": "smtp", "url": "http",
+               "expect_status": "http", "degraded": "http", "command": "exec",
+               "port": "agent"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _smtp_word(r: _Reader, name: str, base: str | None) -> str | None:
+    v = r.get(name, str, base)
+    if v is not None and (_CONTROL.search(v) or "<" in v or ">" in v):
+        raise r.error(name, f"must be a plain address or name, without control characters "
+                            f"or angle brackets; got {v!r}")
+    return v
+
+
+def _check(r: _Reader, base: CheckConfig) -> dict[str, Any]:
+    """The fields of one check (the probe's first, or one of [[...probe.checks]])."""
+    kind = r.choice("kind", KINDS, base.kind)
+    for f, only in KIND_FIELDS.items():
+        if f in r.data and kind != only:
+            raise r.error(f, f"applies to kind = \"{only}\" only (this check is {kind})")
+    url = r.get("url", str, base.url)
+    if url is not None:
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise r.error("url", f"expected an http:// or https:// URL with a host, got "
+                                 f"{url!r}")
+    statuses = r.get("expect_status", list, list(base.expect_status))
+    for i, code in enumerate(statuses):
+        if isinstance(code, bool) or not isinstance(code, int) or not 100 <= code <= 599:
+            raise r.error(f"expect_status.{i}", f"expected an HTTP status 100..599, got "
+                                                f"{code!r}")
+    command = r.get("command", list, list(base.command))
+    if any(not isinstance(c, str) or not c for c in command):
+        raise r.error("command", "expected a list of non-empty strings (argv, no shell)")
+    port = r.get("port", int, base.port)
+    out = dict(kind=kind, name=r.get("name", str, base.name),
+               timeout=r.number("timeout", base.timeout),
+               ehlo=_smtp_word(r, "ehlo", base.ehlo),
+               mail_from=_smtp_word(r, "mail_from", base.mail_from),
+               rcpt_to=_smtp_word(r, "rcpt_to", base.rcpt_to), url=url,
+               expect_status=tuple(statuses),
+               degraded=r.choice("degraded", ("up", "drain"), base.degraded),
+               command=tuple(command),
+               port=r.wrap("port", check_port, port, "port") if port is not None else None)
+    need = {"http": ("url", out["url"]), "exec": ("command", out["command"]),
+            "agent": ("port", out["port"])}.get(kind)
+    if need is not None and not need[1]:
+        raise r.error(need[0], f"missing: kind = \"{kind}\" needs {need[0]}")
+    return out
+
+
 def _probe(r: _Reader, base: ProbeConfig) -> ProbeConfig:
+    first = _check(r, base)
+    extra = []
+    for i, item in enumerate(r.get("checks", list, [])):
+        if not isinstance(item, dict):
+            raise r.error(f"checks.{i}", "must be a table ([[...probe.checks]])")
+        cr = r.sub(f"checks.{i}", item)
+        extra.append(CheckConfig(**_check(cr, CheckConfig(timeout=first["timeout"]))))
+        cr.done()
     p = ProbeConfig(
-        kind=r.choice("kind", ("tcp", "smtp"), base.kind),
+        **first,
         interval=r.number("interval", base.interval),
         fast_interval=r.number("fast_interval", base.fast_interval),
-        timeout=r.number("timeout", base.timeout),
         rise=r.integer("rise", base.rise) or base.rise,
         fall=r.integer("fall", base.fall) or base.fall,
         jitter=r.number("jitter", base.jitter, allow_zero=True),
+        checks=tuple(extra) if "checks" in r.data else base.checks,
     )
     if p.jitter >= 1:
         raise r.error("jitter", f"is a fraction of the interval and must be < 1, got {p.jitter}")
+    labels = [c.label for c in p.all_checks]
+    dup = next((x for x in labels if labels.count(x) > 1), None)
+    if dup is not None:
+        raise r.error("checks", f"two checks are called {dup!r}: give each a distinct name")
     r.done()
     return p
+
+
+def _greeting(r: _Reader) -> float | Literal["auto"]:
+    v = r.get("greeting_timeout", (int, float, str), "auto")
+    if isinstance(v, str):
+        if v != "auto":
+            raise r.error("greeting_timeout", f"expected \"auto\" or seconds, got {v!r}")
+        return "auto"
+    return r.number("greeting_timeout", 10.0)
 
 
 def _listener(r: _Reader, index: int) -> ListenerConfig:
@@ -289,7 +367,8 @@ def _listener(r: _Reader, index: int) -> ListenerConfig:
         backlog=r.integer("backlog", 511) or 511, gate=gate, probe=probe,
         connect_timeout=r.number("connect_timeout", 5.0),
         idle_timeout=r.number("idle_timeout", 600.0),
-        greeting_timeout=r.number("greeting_timeout", 10.0),
+        greeting_timeout=_greeting(r),
+        greeting_timeout_max=r.number("greeting_timeout_max", 10.0),
         send_proxy=r.choice("send_proxy", ("v1", "v2"), None),
         hostname=r.get("hostname", str), discovery=discovery, access=access,
         reuse_port=r.get("reuse_port", bool, False), nodelay=r.get("nodelay", bool, True),
@@ -418,6 +497,8 @@ def to_toml(cfg: Config, *, from_xinetd: bool = False) -> str:
     if cfg.group:
         out.append(f"group = {_tv(cfg.group)}")
     out.append(f"drain_timeout = {_tv(cfg.drain_timeout)}")
+    if cfg.state_file:
+        out.append(f"state_file = {_tv(cfg.state_file)}")
     if cfg.admin:
         out.append(f"admin = {_tv(str(cfg.admin))}")
     elif from_xinetd:
@@ -427,7 +508,8 @@ def to_toml(cfg: Config, *, from_xinetd: bool = False) -> str:
     for lc in cfg.listeners:
         out += ["", "[[listener]]"]
         for k in ("name", "addresses", "port", "mode", "backlog", "gate", "connect_timeout",
-                  "idle_timeout", "greeting_timeout", "send_proxy", "hostname", "reuse_port",
+                  "idle_timeout", "greeting_timeout", "greeting_timeout_max", "send_proxy",
+                  "hostname", "reuse_port",
                   "nodelay", "keepalive", "relay"):
             v = getattr(lc, k)
             if v is not None:
@@ -436,8 +518,7 @@ def to_toml(cfg: Config, *, from_xinetd: bool = False) -> str:
                     note = (f"  # xinetd's default (no flags = {k.upper()}); the forwarder's "
                             f"own default is {'true' if k == 'nodelay' else 'false'}")
                 out.append(f"{k} = {_tv(v)}{note}")
-        out += ["[listener.probe]"]
-        out += [f"{k} = {_tv(v)}" for k, v in to_dict(lc.probe).items()]
+        out += _probe_lines("listener.probe", lc.probe)
         a = lc.access
         if a != AccessConfig():
             out.append("[listener.access]")
@@ -454,9 +535,24 @@ def to_toml(cfg: Config, *, from_xinetd: bool = False) -> str:
             out += ["[[listener.backends]]", f"address = {_tv(str(b.endpoint))}",
                     f"priority = {b.priority}", f"local = {_tv(b.local)}"]
             if b.probe:
-                out.append("[listener.backends.probe]")
-                out += [f"{k} = {_tv(v)}" for k, v in to_dict(b.probe).items()]
+                out += _probe_lines("listener.backends.probe", b.probe)
     return "\n".join(out) + "\n"
+
+
+def _probe_lines(table: str, p: ProbeConfig) -> list[str]:
+    """A probe table and its [[...checks]]; check fields at their default are left out."""
+    plain = to_dict(CheckConfig())
+
+    def keys(d: dict[str, Any]) -> list[str]:
+        return [f"{k} = {_tv(v)}" for k, v in d.items()
+                if k in ("kind", "timeout") or k not in plain or v != plain[k]]
+
+    d = to_dict(p)
+    d.pop("checks", None)
+    out = [f"[{table}]", *keys(d)]
+    for c in p.checks:
+        out += [f"[[{table}.checks]]", *keys(to_dict(c))]
+    return out
 
 
 def _tv(v: Any) -> str:
@@ -469,4 +565,5 @@ def _tv(v: Any) -> str:
     if isinstance(v, tuple | list):
         return "[" + ", ".join(_tv(x) for x in v) + "]"
     s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    s = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", s)  # TOML strings are one line
     return f'"{s}"'

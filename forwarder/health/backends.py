@@ -25,16 +25,18 @@ from typing import Any
 
 import structlog
 
-from ..config.model import BackendConfig, Endpoint, ProbeConfig, SockAddr
+from ..config.model import BackendConfig, CheckConfig, Endpoint, ProbeConfig, SockAddr
 from ..ops import supervise
 from ..ops.metrics import BackendMetrics
-from .probe import ProbeResult, probe
+from .greeting import GreetingDeadline
+from .probe import ProbeResult, run_check
 from .rise_fall import RiseFall
 
 log = structlog.get_logger("forwarder.backends")
 
 HISTORY = 20
 Listener = Callable[["Backend"], None]
+Greeting = tuple[float | None, float]  # (fixed seconds or None for "auto", ceiling)
 
 
 def sockaddr_of(ep: Endpoint) -> SockAddr | None:
@@ -47,9 +49,27 @@ def sockaddr_of(ep: Endpoint) -> SockAddr | None:
     return infos[0][0], infos[0][4]
 
 
+def combine(results: list[tuple[CheckConfig, ProbeResult]]) -> ProbeResult:
+    """One probe round: ok only when every check is; the first failure tells why."""
+    if len(results) == 1:
+        return results[0][1]
+    bad = [(c, r) for c, r in results if not r.ok]
+    c, r = bad[0] if bad else results[0]
+    detail = f"{c.label}: {r.detail}" if bad else "; ".join(
+        f"{c.label}: {r.detail}" for c, r in results)
+    greeting = next((r.greeting for _, r in results if r.greeting is not None), None)
+    return ProbeResult(not bad, r.result, detail, max(r.duration for _, r in results), r.at,
+                       greeting=greeting, drain=any(r.drain for _, r in results))
+
+
 class Backend:
+    """One backend's health: probes (every check of a round must pass), rise/fall, passive
+    failures, a drain asked for by a check (agent `drain`, http `degraded = "drain"`), and
+    its greeting deadline (greeting.py)."""
+
     def __init__(self, cfg: BackendConfig, probe_cfg: ProbeConfig, on_change: Listener,
-                 send_proxy: str | None, source: str, sockaddr: SockAddr) -> None:
+                 send_proxy: str | None, source: str, sockaddr: SockAddr,
+                 greeting: Greeting = (None, 10.0)) -> None:
         self.cfg = cfg
         self.endpoint: Endpoint = cfg.endpoint
         self.sockaddr = sockaddr
@@ -58,8 +78,12 @@ class Backend:
         self.send_proxy = send_proxy
         self.source = source
         self.health = RiseFall(probe_cfg.rise, probe_cfg.fall)
-        self.history: deque[ProbeResult] = deque(maxlen=HISTORY)
-        self.metrics = BackendMetrics(self.name)
+        self.draining = False  # a check asks for no new connections
+        self.history: deque[ProbeResult] = deque(maxlen=HISTORY)  # rounds
+        self.checks: dict[str, deque[ProbeResult]] = {}  # per check label
+        self.metrics = BackendMetrics(self.name, tuple(c.label for c in probe_cfg.all_checks))
+        self.greeting = GreetingDeadline(*greeting)
+        self.metrics.greeting.set(self.greeting.seconds)
         self._on_change = on_change
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -68,6 +92,11 @@ class Backend:
     @property
     def up(self) -> bool:
         return self.health.up
+
+    @property
+    def available(self) -> bool:
+        """Up and taking new connections."""
+        return self.health.up and not self.draining
 
     def start(self) -> None:
         if self._task is None:
@@ -79,13 +108,16 @@ class Backend:
         self.metrics.up.set(0)
 
     def reconfigure(self, cfg: BackendConfig, probe_cfg: ProbeConfig,
-                    send_proxy: str | None) -> None:
+                    send_proxy: str | None, greeting: Greeting = (None, 10.0)) -> None:
         self.cfg = cfg
         if cfg.sockaddr is not None:  # a host name may resolve elsewhere after a reload
             self.sockaddr = cfg.sockaddr
         self.probe_cfg = probe_cfg
         self.health.rise, self.health.fall = probe_cfg.rise, probe_cfg.fall
         self.send_proxy = send_proxy
+        self.greeting.configure(*greeting)
+        self.metrics.greeting.set(self.greeting.seconds)
+        self.metrics.checks(tuple(c.label for c in probe_cfg.all_checks))
         self._wake.set()
 
     # --- what traffic reports -------------------------------------------------------------
@@ -112,22 +144,40 @@ class Backend:
                      last=last)
             self._on_change(self)
 
+    async def _round(self) -> ProbeResult:
+        """Every check at once; each result counted and kept under its check's name."""
+        checks = self.probe_cfg.all_checks
+        got = await asyncio.gather(*(run_check(c, self.endpoint, self.send_proxy)
+                                     for c in checks))
+        for c, res in zip(checks, got, strict=True):
+            self.metrics.probed(c.label, res.result)
+            self.checks.setdefault(c.label, deque(maxlen=HISTORY)).append(res)
+        return combine(list(zip(checks, got, strict=True)))
+
     async def _run(self) -> None:
         while True:
             p = self.probe_cfg
-            res = await probe(p.kind, self.endpoint, p.timeout, self.send_proxy)
+            res = await self._round()
             self.history.append(res)
-            self.metrics.probe[res.result].inc()
             self.metrics.probe_duration.observe(res.duration)
+            if res.ok and res.greeting is not None:
+                self.greeting.observe(res.greeting)
+                self.metrics.greeting.set(self.greeting.seconds)
             if not res.ok:
                 # the first failure of a run is news; the rest of the run is debug noise
                 (log.warning if self.health.fails == 0 else log.debug)(
                     "probe.failed", backend=self.name, kind=p.kind, result=res.result,
                     detail=res.detail, duration=round(res.duration, 4))
             first = len(self.history) == 1
+            drain = res.ok and res.drain
+            changed = drain != self.draining
+            if changed:
+                self.draining = drain
+                log.info("backend.drain" if drain else "backend.undrain", backend=self.name,
+                         detail=res.detail)
             self._record(res.ok)
-            if first and not res.ok:
-                self._on_change(self)  # a first failure is a verdict without a transition
+            if changed or (first and not res.ok):
+                self._on_change(self)  # a verdict without an up/down transition
             wait = p.fast_interval if self.health.pending else p.interval
             wait *= 1 + random.uniform(-p.jitter, p.jitter)
             self._wake.clear()
@@ -138,13 +188,21 @@ class Backend:
                 pass
 
     def status(self) -> dict[str, Any]:
+        def rows(h: deque[ProbeResult]) -> list[dict[str, Any]]:
+            return [{"ok": r.ok, "result": r.result, "detail": r.detail,
+                     "duration": round(r.duration, 6), "at": r.at,
+                     **({"greeting": round(r.greeting, 6)} if r.greeting is not None else {}),
+                     **({"drain": True} if r.drain else {})} for r in reversed(h)]
+
         return {
-            "name": self.name, "up": self.up, "local": self.cfg.local,
-            "priority": self.cfg.priority, "source": self.source,
+            "name": self.name, "up": self.up, "draining": self.draining,
+            "local": self.cfg.local, "priority": self.cfg.priority, "source": self.source,
             "probe": {"kind": self.probe_cfg.kind, "interval": self.probe_cfg.interval},
-            "history": [{"ok": r.ok, "result": r.result, "detail": r.detail,
-                         "duration": round(r.duration, 6), "at": r.at}
-                        for r in reversed(self.history)],
+            "greeting_deadline": self.greeting.status(),
+            "history": rows(self.history),
+            "checks": [{"name": c.label, "kind": c.kind,
+                        "history": rows(self.checks.get(c.label, deque()))}
+                       for c in self.probe_cfg.all_checks],
         }
 
 
@@ -153,19 +211,22 @@ class Pool:
     DNS discovery ("dns")."""
 
     def __init__(self, listener: str, probe_cfg: ProbeConfig, send_proxy: str | None,
-                 own: Callable[[SockAddr], bool]) -> None:
+                 own: Callable[[SockAddr], bool], greeting: Greeting = (None, 10.0)) -> None:
         self.listener = listener
         self.probe_cfg = probe_cfg
         self.send_proxy = send_proxy
+        self.greeting = greeting
         self.is_own = own  # "is this one of our own listening addresses?"
         self._subscribers: list[Listener] = []
         self.backends: list[Backend] = []
         self._running = False
 
-    def configure(self, probe_cfg: ProbeConfig, send_proxy: str | None) -> None:
+    def configure(self, probe_cfg: ProbeConfig, send_proxy: str | None,
+                  greeting: Greeting) -> None:
         """New probe defaults (a reload); applied to the backends by the next update()."""
         self.probe_cfg = probe_cfg
         self.send_proxy = send_proxy
+        self.greeting = greeting
 
     def subscribe(self, fn: Listener) -> None:
         self._subscribers.append(fn)
@@ -191,15 +252,16 @@ class Pool:
         return next((b for b in self.backends if b.cfg.local), None)
 
     def local_up(self) -> bool:
+        """The local backend is up and takes new connections (not draining)."""
         b = self.local
-        return b is not None and b.up
+        return b is not None and b.available
 
     def any_up(self) -> bool:
-        return any(b.up for b in self.backends)
+        return any(b.available for b in self.backends)
 
     def candidates(self) -> list[Backend]:
-        """Live backends, best first (the list is kept sorted)."""
-        return [b for b in self.backends if b.up]
+        """Live backends taking new connections, best first (the list is kept sorted)."""
+        return [b for b in self.backends if b.available]
 
     async def update(self, configs: Iterable[BackendConfig], source: str = "static") -> None:
         """Replace the backends of one source, keeping the health of those that stay."""
@@ -221,14 +283,14 @@ class Pool:
                 keep.append(b)
             elif b.endpoint in wanted:
                 c = wanted.pop(b.endpoint)
-                b.reconfigure(c, c.probe or self.probe_cfg, self.send_proxy)
+                b.reconfigure(c, c.probe or self.probe_cfg, self.send_proxy, self.greeting)
                 keep.append(b)
             else:
                 gone.append(b)
         for c in wanted.values():
             assert c.sockaddr is not None
             nb = Backend(c, c.probe or self.probe_cfg, self._changed, self.send_proxy, source,
-                         c.sockaddr)
+                         c.sockaddr, self.greeting)
             keep.append(nb)
             if self._running:
                 nb.start()

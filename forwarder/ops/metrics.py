@@ -102,8 +102,10 @@ class HotFamily:
         return self.children.setdefault(values, Tally())
 
     def family(self) -> Metric:
+        # Scraped on the admin thread while the loop may add a child (a new backend): iterate
+        # a copy, made by one C call that the loop's thread cannot interleave with.
         fam = self.metric_family(self.name, self.doc, labels=self.labelnames)
-        for values, child in self.children.items():
+        for values, child in self.children.copy().items():
             fam.add_metric(list(values), child.value)
         return fam
 
@@ -124,7 +126,7 @@ class HotHistogram:
         h = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
         les = [floatToGoString(b)  # type: ignore[no-untyped-call]
                for b in (*self.bounds, float("inf"))]
-        for values, child in self.children.items():
+        for values, child in self.children.copy().items():  # see HotFamily.family
             h.add_metric(list(values), list(zip(les, accumulate(child.counts), strict=True)),
                          child.sum)
         return h
@@ -156,8 +158,12 @@ probe_duration = Histogram("forwarder_probe_duration_seconds", "Duration of heal
                            ["backend"], registry=REGISTRY,
                            buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5,
                                     1, 2.5, 5, 10))
-probes = Counter("forwarder_probes_total", "Health probes by result",
-                 ["backend", "result"], registry=REGISTRY)
+probes = Counter("forwarder_probes_total", "Health checks run, by check and result",
+                 ["backend", "check", "result"], registry=REGISTRY)
+greeting_deadline = Gauge("forwarder_backend_greeting_deadline_seconds",
+                          "How long a connection waits for this backend's greeting (smtp "
+                          "mode): learned from its probes, or the configured number",
+                          ["backend"], registry=REGISTRY)
 passive_failures = Counter("forwarder_backend_passive_failures_total",
                            "Failures seen by real traffic (connect or greeting)",
                            ["backend", "reason"], registry=REGISTRY)
@@ -219,17 +225,27 @@ class ListenerMetrics:
 
 
 class BackendMetrics:
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, checks: tuple[str, ...] = ()) -> None:
+        self.name = backend
         self.up = backend_up.labels(backend)
         self.up.set(0)
         self.probe_duration = probe_duration.labels(backend)
-        self.probe = {r: probes.labels(backend, r) for r in PROBE_RESULTS}
+        self.checks(checks)
+        self.greeting = greeting_deadline.labels(backend)
         self.connect = backend_connect.labels(backend)
         self.passive = {r: passive_failures.labels(backend, r)
                         for r in ("connect", "greeting")}
-        self.name = backend
         for s in ("up", "down"):
             backend_transitions.labels(backend, s)
+
+    def checks(self, names: tuple[str, ...]) -> None:
+        """Export 0 for every (check, result) known in advance."""
+        for c in names:
+            for r in PROBE_RESULTS:
+                probes.labels(self.name, c, r)
+
+    def probed(self, check: str, result: str) -> None:
+        probes.labels(self.name, check, result).inc()
 
     def transition(self, up: bool) -> None:
         self.up.set(1 if up else 0)

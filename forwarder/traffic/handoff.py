@@ -11,7 +11,8 @@ hand-off never touches its sockets again (tcpproxy's contract for its Target).
 Callbacks, not a coroutine: at thousands of sessions a second a Task per connection (its
 creation, a call_soon wake-up after every await) was a measurable share of a short
 session's cost.  The Poller calls straight into the next step, and every deadline lives in
-the listener's Deadlines (one timer for all, exact to the loop's clock).  Dialing is a
+the listener's Deadlines (one timer for all, exact to the loop's clock); the greeting
+deadline is the backend's own (health/greeting.py: learned from its probes, or fixed).  Dialing is a
 function in the Plan, so a test can hand the hand-off any socket it likes.
 
 In smtp mode without PROXY the greeting proves the connect: we wait for it right after
@@ -76,16 +77,13 @@ class Plan:
     """How one listener hands off, rebuilt when its config changes (a hand-off in progress
     keeps the plan it started with)."""
 
-    __slots__ = ("connect_timeout", "deadlines", "dial", "greeting_timeout", "poller",
-                 "proxy", "sink", "smtp")
+    __slots__ = ("connect_timeout", "deadlines", "dial", "poller", "proxy", "sink", "smtp")
 
     def __init__(self, *, sink: Sink, poller: Poller, deadlines: Deadlines, dial: Dialer,
-                 smtp: bool, proxy: str | None, connect_timeout: float,
-                 greeting_timeout: float) -> None:
+                 smtp: bool, proxy: str | None, connect_timeout: float) -> None:
         self.sink, self.poller, self.deadlines, self.dial = sink, poller, deadlines, dial
         self.smtp, self.proxy = smtp, proxy
         self.connect_timeout = connect_timeout
-        self.greeting_timeout = greeting_timeout
 
 
 class Handoff:
@@ -138,7 +136,7 @@ class Handoff:
         self.backend, self.bs, self.t0 = b, bs, now
         if plan.smtp and not plan.proxy:
             self.step = "direct"
-            plan.deadlines.set(self, now + min(plan.connect_timeout, plan.greeting_timeout))
+            plan.deadlines.set(self, now + min(plan.connect_timeout, b.greeting.seconds))
             plan.poller.add_reader(bs.fileno(), self._greeted)
         else:
             self.step = "connect"
@@ -162,7 +160,7 @@ class Handoff:
         fd = bs.fileno()
         if plan.smtp:
             self.step = "greeting"
-            plan.deadlines.set(self, plan.poller.loop.time() + plan.greeting_timeout)
+            plan.deadlines.set(self, plan.poller.loop.time() + b.greeting.seconds)
             plan.poller.swap_to_reader(fd, self._greeted)  # one epoll_ctl
             return
         plan.deadlines.clear(self)
@@ -206,11 +204,11 @@ class Handoff:
         """Both limits of the direct path count from the start of the connect: not
         connected by connect_timeout is a connect failure, connected but silent at
         greeting_timeout a greeting failure.  The first deadline was the smaller one."""
-        bs, plan = self.bs, self.plan
-        assert bs is not None
+        bs, b, plan = self.bs, self.backend, self.plan
+        assert bs is not None and b is not None
         try:
             bs.getpeername()
-            step, limit = "greeting", plan.greeting_timeout
+            step, limit = "greeting", b.greeting.seconds
         except OSError:  # ENOTCONN: the handshake has not completed
             step, limit = "connect", plan.connect_timeout
         now = plan.poller.loop.time()

@@ -53,6 +53,11 @@ def reply_421(hostname: str) -> bytes:
             .encode("ascii", "replace"))
 
 
+def greeting_policy(cfg: ListenerConfig) -> tuple[float | None, float]:
+    g = cfg.greeting_timeout
+    return (None if g == "auto" else g), cfg.greeting_timeout_max
+
+
 class Listener:
     def __init__(self, cfg: ListenerConfig, socks: list[socket.socket], hostname: str, *,
                  own: Callable[[SockAddr], bool] = lambda sa: False,
@@ -63,7 +68,7 @@ class Listener:
         self.default_hostname = hostname
         self.poller = Poller.for_loop(self.loop)
         self.deadlines = Deadlines(self.loop)
-        self.pool = Pool(cfg.name, cfg.probe, cfg.send_proxy, own)
+        self.pool = Pool(cfg.name, cfg.probe, cfg.send_proxy, own, greeting_policy(cfg))
         self.gate = Gate(cfg.name, socks, cfg.backlog, self._on_accept, self.metrics,
                          activated=activated)
         self.access = Access(cfg.access, self.loop.time, self.gate.hold_closed)
@@ -88,8 +93,7 @@ class Listener:
         self.plan = Plan(sink=self, poller=self.poller, deadlines=self.deadlines,
                          dial=partial(dial, options=partial(tune, cfg=cfg)),
                          smtp=cfg.mode == "smtp", proxy=cfg.send_proxy,
-                         connect_timeout=cfg.connect_timeout,
-                         greeting_timeout=cfg.greeting_timeout)
+                         connect_timeout=cfg.connect_timeout)
         # nodelay/keepalive on the listening sockets are inherited by every accepted one
         for s in self.gate.socks:
             try:
@@ -142,7 +146,7 @@ class Listener:
             self.access = Access(cfg.access, self.loop.time, self.gate.hold_closed)
             self.access.take_over(old, [sp.tag[0][0] for sp in self.splices] +
                                   [h.addr[0] for h in self.pending])
-        self.pool.configure(cfg.probe, cfg.send_proxy)
+        self.pool.configure(cfg.probe, cfg.send_proxy, greeting_policy(cfg))
         await self.pool.update(cfg.backends)
         await self._sync_discovery()
         self.gate.set_healthy(self.healthy())
@@ -301,6 +305,7 @@ class Listener:
             "mode": self.cfg.mode,
             "gate": {**self.gate.status(), "policy": self.cfg.gate},
             "greeting_timeout": self.cfg.greeting_timeout,
+            "greeting_timeout_max": self.cfg.greeting_timeout_max,
             "connections_active": len(self.splices),
             "connections_pending": len(self.pending) + len(self.refusing),
             "backends": [b.status() for b in self.pool.backends],

@@ -48,12 +48,13 @@ class Outcome:
         self.done.set_result(("refused", outcome))
 
 
-def backend(port: int) -> Backend:
+def backend(port: int, greeting: float = 2.0) -> Backend:
+    """A real Backend (its prober not started) with a fixed greeting deadline."""
     ep = Endpoint("127.0.0.1", port)
     sa = sockaddr_of(ep)
     assert sa is not None
     return Backend(BackendConfig(ep), ProbeConfig(rise=1, fall=1), lambda b: None, None,
-                   "static", sa)
+                   "static", sa, (greeting, 10.0))
 
 
 def passive(b: Backend, reason: str) -> float:
@@ -105,14 +106,13 @@ class Rig:
     """A client/forwarder-side socket pair plus the Plan under test."""
 
     def __init__(self, *, smtp: bool = True, proxy: str | None = None,
-                 connect_timeout: float = 2.0, greeting_timeout: float = 2.0) -> None:
+                 connect_timeout: float = 2.0) -> None:
         self.loop = asyncio.get_running_loop()
         self.sink = Outcome(self.loop)
         self.deadlines = Deadlines(self.loop)
         self.plan = Plan(sink=self.sink, poller=Poller.for_loop(self.loop),
                          deadlines=self.deadlines, dial=partial(dial, options=lambda s: None),
-                         smtp=smtp, proxy=proxy, connect_timeout=connect_timeout,
-                         greeting_timeout=greeting_timeout)
+                         smtp=smtp, proxy=proxy, connect_timeout=connect_timeout)
         ls = socket.socket()
         ls.bind(("127.0.0.1", 0))
         ls.listen(1)
@@ -156,9 +156,9 @@ def test_refused_backend_counts_a_passive_failure_and_the_next_one_is_tried() ->
 def test_silent_backend_gets_a_refusal_at_the_greeting_deadline_within_10ms(
         proxy: str | None) -> None:
     async def main() -> None:
-        rig = Rig(greeting_timeout=0.3, proxy=proxy)
+        rig = Rig(proxy=proxy)
         ls, _, task = await server(silent)
-        b = backend(ls.getsockname()[1])
+        b = backend(ls.getsockname()[1], greeting=0.3)
         rig.handoff([b])
         kind, outcome = await rig.sink.done
         late = rig.sink.at - rig.t0 - 0.3
@@ -216,7 +216,7 @@ def test_proxy_header_is_the_first_thing_the_backend_reads() -> None:
 
 def test_tcp_mode_is_ready_at_connect_without_waiting_for_a_byte() -> None:
     async def main() -> None:
-        rig = Rig(smtp=False, greeting_timeout=5)
+        rig = Rig(smtp=False)
         ls, _, task = await server(silent)
         rig.handoff([backend(ls.getsockname()[1])])
         kind, (_, bs, greeting) = await rig.sink.done
@@ -246,7 +246,7 @@ def test_unanswered_syn_is_a_connect_failure_at_connect_timeout() -> None:
         ls.bind(("127.0.0.1", 0))
         ls.listen(0)  # one connection fills the accept queue
         filler = [socket.create_connection(ls.getsockname(), timeout=2)]
-        rig = Rig(connect_timeout=0.3, greeting_timeout=2.0)
+        rig = Rig(connect_timeout=0.3)
         b = backend(ls.getsockname()[1])
         rig.handoff([b])
         kind, outcome = await rig.sink.done
@@ -263,10 +263,10 @@ def test_unanswered_syn_is_a_connect_failure_at_connect_timeout() -> None:
 def test_release_moves_a_waiting_handoff_on_at_once() -> None:
     """A down verdict for the backend it waits on: next backend now, not at the deadline."""
     async def main() -> None:
-        rig = Rig(greeting_timeout=5.0)
+        rig = Rig()
         hung, accepted, t1 = await server(silent)
         good, _, t2 = await server(greets)
-        b1, b2 = backend(hung.getsockname()[1]), backend(good.getsockname()[1])
+        b1, b2 = backend(hung.getsockname()[1], 5.0), backend(good.getsockname()[1])
         h = rig.handoff([b1, b2])
         await accepted.wait()  # the hung backend has accepted: the hand-off waits on it
         assert h.waiting and h.backend is b1
