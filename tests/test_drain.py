@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import signal
 import socket
+import struct
 
 from forwarder.config.model import Endpoint
 from forwarder.ops.metrics import ListenerMetrics
 from forwarder.ops.system import bind
 from forwarder.traffic.gate import Gate
 
-from .helpers import SmtpBackend, forwarder, free_port, smtp_reply, toml_listener, wait_port
+from .helpers import (
+    SmtpBackend,
+    forwarder,
+    free_port,
+    smtp_reply,
+    toml_listener,
+    wait_port,
+    wait_until,
+)
 
 
 def test_gate_accepts_queue_before_unlistening() -> None:
@@ -95,21 +105,31 @@ def test_closing_gate_drops_new_syns_until_it_has_left_listen() -> None:
         gate.set_healthy(True)
         gate.set_healthy(False)
         assert _settling(gate)
+        dropped = _drops(sock)
         c = socket.socket()
         c.setblocking(False)
         assert c.connect_ex(("127.0.0.1", port)) == errno.EINPROGRESS
-        await asyncio.sleep(0.02)  # the SYN went out and was dropped: still in progress
+        # The kernel's word that the SYN reached the listener and was dropped there: its
+        # drop counter moves.  A blocking wait: this loop does not run meanwhile, so the
+        # settle timer cannot end the settling under the test's feet, however slow we are.
+        wait_until(lambda: _drops(sock) > dropped, 5, "the listener to drop the SYN")
+        assert _settling(gate)
+        assert _tcp_state(c) == TCP_SYN_SENT, "a SYN completed while the gate was closing"
         assert c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
         try:
             peer = c.getpeername()
         except OSError:
             peer = None  # not connected: the SYN was dropped
         assert peer is None, "a SYN completed while the gate was closing"
-        c.close()
         deadline = asyncio.get_running_loop().time() + 2
         while _settling(gate):
             assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the settle timer runs on this loop
+        # the client's retransmitted SYN (after its 1 s RTO) meets a closed port: refused
+        _, writable, _ = select.select([], [c], [], 10)
+        assert writable, "the dropped client got no answer to its retried SYN"
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED
+        c.close()
         assert not handed
         try:
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -119,6 +139,22 @@ def test_closing_gate_drops_new_syns_until_it_has_left_listen() -> None:
         sock.close()
 
     asyncio.run(main())
+
+
+SO_MEMINFO = 55  # linux/socket.h: u32 sk_meminfo[SK_MEMINFO_VARS]
+SK_MEMINFO_DROPS = 8
+TCP_SYN_SENT = 2  # linux/tcp_states.h
+
+
+def _drops(sock: socket.socket) -> int:
+    """Segments the kernel dropped for this socket (sk_drops: a socket filter's verdict
+    counts here, as `ss -m` shows in d<N>)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * 9)
+    return int(struct.unpack(f"{len(raw) // 4}I", raw)[SK_MEMINFO_DROPS])
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
 
 
 def _settling(gate: Gate) -> bool:

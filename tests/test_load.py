@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from .helpers import ROOT, forwarder, free_port, toml_listener, wait_port
+from .helpers import ROOT, forwarder, free_port, toml_listener, wait_port, wait_until
 
 TARGET = int(os.environ.get("FORWARDER_LOAD_CONNS", "10000"))
 FIGURES = ROOT / ".pytest_cache" / "load-figures.json"
+PROBES_WITHIN = 10.0  # s for two probes 0.5 s apart while 10,000 sessions are open
 
 
 def _raise_nofile(want: int) -> int:
@@ -52,7 +53,21 @@ def _status(admin: int) -> dict[str, object]:
         return dict(json.load(r))
 
 
-async def _session(i: int, port: int, held: asyncio.Event, opened: list[int],
+class _Opened:
+    """Sessions with their first echo back; `all` is set when the n-th one is."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.count = 0
+        self.all = asyncio.Event()
+
+    def add(self) -> None:
+        self.count += 1
+        if self.count == self.n:
+            self.all.set()
+
+
+async def _session(i: int, port: int, held: asyncio.Event, opened: _Opened,
                    sem: asyncio.Semaphore) -> bool:
     first = hashlib.sha256(b"first %d" % i).digest() * 64  # 2 KiB, distinct per session
     second = os.urandom(16384)
@@ -60,7 +75,7 @@ async def _session(i: int, port: int, held: asyncio.Event, opened: list[int],
         r, w = await asyncio.open_connection("127.0.0.1", port)
     w.write(first)
     got = await r.readexactly(len(first))
-    opened.append(i)
+    opened.add()
     await held.wait()  # all sessions are live at once here
     w.write(second)
     w.write_eof()
@@ -94,17 +109,21 @@ def test_10000_concurrent_splices_intact_while_probing_and_scraping() -> None:
 
             async def run() -> list[bool]:
                 held = asyncio.Event()
-                opened: list[int] = []
+                opened = _Opened(n)
                 sem = asyncio.Semaphore(500)
                 t0 = time.monotonic()
                 tasks = [asyncio.create_task(_session(i, port, held, opened, sem))
                          for i in range(n)]
-                deadline = time.monotonic() + 240
-                while len(opened) < n:
-                    assert time.monotonic() < deadline, f"only {len(opened)} of {n} opened"
-                    failed = [t for t in tasks if t.done() and t.exception()]
-                    assert not failed, (failed[0].exception(), fw.log_tail())
-                    await asyncio.sleep(0.2)  # progress poll of our own counter
+                # until every session is open, or one fails (none may end before `held`)
+                all_open = asyncio.create_task(opened.all.wait())
+                await asyncio.wait([all_open, *tasks], timeout=240,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not all_open.done():
+                    all_open.cancel()
+                    failed = [t for t in tasks if t.done()]
+                    assert failed, f"only {opened.count} of {n} opened within 240 s"
+                    raise AssertionError(f"a session ended before all were open: "
+                                         f"{failed[0].exception()!r}\n{fw.log_tail()}")
                 figures["open_seconds"] = round(time.monotonic() - t0, 2)
                 # everything live: the forwarder still probes and answers /metrics
                 loop = asyncio.get_running_loop()
@@ -120,7 +139,13 @@ def test_10000_concurrent_splices_intact_while_probing_and_scraping() -> None:
                 figures["rss_loaded_mib"] = round(rss / 1024, 1)
                 figures["kib_per_connection"] = round((rss - rss0) / n, 2)
                 figures["fds"] = len(os.listdir(f"/proc/{fw.pid}/fd"))
-                await asyncio.sleep(1.2)  # two probe intervals must pass (a real wait)
+                # the forwarder's own count: two more probes ran while it carried them all
+                # (0.5 s apart; polled from a thread, this loop keeps the sessions)
+                probed = _probes(text)
+                figures["two_probes_seconds"] = round(await loop.run_in_executor(
+                    None, lambda: wait_until(lambda: _probes(_metrics(admin)) >= probed + 2,
+                                             PROBES_WITHIN, "two probes under load",
+                                             interval=0.1)), 2)
                 after = await loop.run_in_executor(None, _status, admin)
                 assert _last_probe(after) > _last_probe(before), "probes stalled under load"
                 held.set()
@@ -140,6 +165,12 @@ def test_10000_concurrent_splices_intact_while_probing_and_scraping() -> None:
     finally:
         echo.terminate()
         echo.wait(10)
+
+
+def _probes(metrics: str) -> float:
+    """forwarder_probes_total summed over backends and results."""
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
+               if ln.startswith("forwarder_probes_total{"))
 
 
 def _last_probe(status: dict[str, object]) -> float:
