@@ -119,30 +119,50 @@ class _Block:
         return next((o for o in self.ops if o.name == name), None)
 
 
+def _esc(text: str) -> str:
+    """`text` for a message: non-printable characters escaped as repr() does (\\x1b, \\x00,
+    \\u2028), so file content can never move the cursor or ring the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _read(path: str, *, at: tuple[str, int] | None = None) -> str:
+    """The file's text.  A problem with it is reported against the file itself, or, when it
+    was named by an include line (`at`), against that line, naming the included path."""
     file, line = at if at else (path, None)
+    what = f"{_esc(path)}: " if at else ""  # the file is already the error's file
+
+    def error(message: str) -> ConfigError:
+        return ConfigError(what + message, file=file, line=line)
+
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: not a regular file", file=file, line=line)
+            raise error("not a regular file")
         if st.st_size > MAX_FILE_SIZE:
-            raise ConfigError(f"{path}: larger than {MAX_FILE_SIZE} bytes", file=file,
-                              line=line)
+            raise error(f"larger than {MAX_FILE_SIZE} bytes")
         with open(path, "rb") as f:
             data = f.read(MAX_FILE_SIZE + 1)
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}", file=file, line=line) from None
+        raise error(f"cannot read: {e.strerror}") from None
+    except ValueError:  # a NUL in a path from an include line: no such file can exist
+        raise error("cannot read: a path cannot hold a NUL character") from None
+    if len(data) > MAX_FILE_SIZE:  # grew since the stat
+        raise error(f"larger than {MAX_FILE_SIZE} bytes")
     return data.decode("utf-8", errors="replace")
 
 
 def _dir_files(path: str, *, at: tuple[str, int] | None = None) -> list[str]:
     """The files xinetd reads from an includedir: no '.' in the name, no trailing '~'."""
     file, line = at if at else (path, None)
+    what = f"{_esc(path)}: " if at else ""  # the directory is already the error's file
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
-        raise ConfigError(f"cannot read directory {path}: {e.strerror}", file=file,
+        raise ConfigError(f"{what}cannot read directory: {e.strerror}", file=file,
                           line=line) from None
+    except ValueError:  # a NUL in a path from an includedir line
+        raise ConfigError(f"{what}cannot read directory: a path cannot hold a NUL character",
+                          file=file, line=line) from None
     out = []
     for n in names:
         if "." in n or n.endswith("~"):
@@ -241,7 +261,7 @@ class _Parser:
             if op == "=" and name not in LIST_ATTRS:
                 prev = block.first(name)
                 if prev is not None:
-                    raise ConfigError(f"set twice (first at {prev.file}:{prev.line})",
+                    raise ConfigError(f"set twice (first at {_esc(prev.file)}:{prev.line})",
                                       file=file, line=no, key=name)
             block.ops.append(_Op(name, op, rest.split(), file, no))
         raise ConfigError(f"missing '}}' to close {block.kind} {block.name} (opened at line "
@@ -484,10 +504,10 @@ def _service(b: _Block, defaults: dict[str, tuple[list[str], _Op]]) -> _Service:
             type_set.add(tu)
     st = a.one("socket_type")
     if st is not None and st[0] != "stream":
-        raise bad(st[1], f"socket_type {st[0]} is not supported (only stream)")
+        raise bad(st[1], f"socket_type {st[0]!r} is not supported (only stream)")
     proto = a.one("protocol")
     if proto is not None and proto[0] != "tcp":
-        raise bad(proto[1], f"protocol {proto[0]} is not supported (only tcp)")
+        raise bad(proto[1], f"protocol {proto[0]!r} is not supported (only tcp)")
     if _yes_no(a, "wait", False):
         wait = a.get("wait")
         raise bad(wait[1] if wait else None,
