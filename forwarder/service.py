@@ -12,6 +12,7 @@ naming each key.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -116,6 +117,7 @@ class Service:
         self._admin_stop: Closer | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._local = local_addresses()
+        self.state = State(state_path(cfg))
         self.exit_code = 0
 
     async def run(self) -> int:
@@ -156,6 +158,9 @@ class Service:
     async def _add_listener(self, lc: ListenerConfig, socks: list[socket.socket]) -> None:
         lst = Listener(lc, socks, self.hostname, own=self._own_sa, activated=self.activated)
         self.listeners[lc.name] = lst
+        if lc.name in self.state.drained:  # before the first probe can open the gate
+            lst.gate.drain()
+            log.info("state.drain_restored", listener=lc.name, state_file=self.state.path)
         await lst.start()
 
     # --- reload ---------------------------------------------------------------------------
@@ -295,17 +300,69 @@ class Service:
         return out
 
     def drain(self, name: str | None = None) -> list[str]:
-        """Close the gate of `name` (None: every listener) for maintenance."""
-        return self._each(name, lambda lst: lst.gate.drain())
+        """Close the gate of `name` (None: every listener) for maintenance; kept in the
+        state file, so a restart during maintenance does not reopen the port."""
+        done = self._each(name, lambda lst: lst.gate.drain())
+        self.state.set_drained(self.state.drained | set(done))
+        return done
 
     def resume(self, name: str | None = None) -> list[str]:
-        return self._each(name, lambda lst: lst.gate.resume())
+        done = self._each(name, lambda lst: lst.gate.resume())
+        self.state.set_drained(self.state.drained - set(done))
+        return done
 
     def _each(self, name: str | None, fn: Callable[[Listener], None]) -> list[str]:
         done = [lst for lst in self.listeners.values() if name in (None, lst.cfg.name)]
         for lst in done:
             fn(lst)
         return [lst.cfg.name for lst in done]
+
+
+def state_path(cfg: Config) -> str | None:
+    """`state_file`, else state.json in systemd's StateDirectory= (STATE_DIRECTORY)."""
+    if cfg.state_file:
+        return cfg.state_file
+    d = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return os.path.join(d, "state.json") if d else None
+
+
+class State:
+    """What an operator decided that must outlive the process: the drained listeners.
+
+    HAProxy forgets a drain set over its runtime API when it reloads (haproxy#477); a
+    forwarder restarted during maintenance must not reopen the port.  Written atomically
+    (a temporary file renamed over the old one); a file that cannot be read or written is
+    logged, and the drain itself still applies to the running process."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.drained: set[str] = set()
+        if path is None:
+            return
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            self.drained = {str(n) for n in data.get("drained", [])}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as e:
+            log.error("state.unreadable", state_file=path, error=str(e),
+                      detail="starting without the drains it may have held")
+
+    def set_drained(self, names: set[str]) -> None:
+        changed, self.drained = names != self.drained, names
+        if self.path is None or not changed:
+            return
+        tmp = f"{self.path}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"drained": sorted(names)}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.error("state.unwritable", state_file=self.path, error=e.strerror,
+                      detail="the drain applies now but would not survive a restart")
 
 
 def _pinger(interval: float) -> Callable[[], Awaitable[None]]:

@@ -133,7 +133,10 @@ class Listener:
         return self.pool.local_up() if self.cfg.gate == "local" else self.pool.any_up()
 
     def _health_changed(self, b: Backend) -> None:
-        self.gate.set_healthy(self.healthy())
+        local = self.pool.local
+        why = ("backend_drain" if self.cfg.gate == "local" and local is not None
+               and local.up and local.draining else "probe")
+        self.gate.set_healthy(self.healthy(), why)
         if not b.up:  # hand-offs waiting on it move on now (next backend, else refusal)
             for h in [h for h in self.pending if h.backend is b and h.waiting]:
                 h.release("backend down")
