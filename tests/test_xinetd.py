@@ -478,16 +478,7 @@ def test_stock_debian_files_when_installed() -> None:
 # --- properties -------------------------------------------------------------------------
 
 
-# Characters the reader treats unlike xinetd (the xfail tests under "reader bugs"): Python's
-# line breaks beyond \n and its whitespace beyond blank and tab, and non-ASCII digits.  The
-# generators below leave them out so that the properties hold for the rest; drop this with
-# the fix.
-def known_reader_bug_char(c: str) -> bool:
-    return ((c not in " \t\n" and (c.isspace() or len(f"a{c}b".splitlines()) > 1))
-            or (c.isdigit() and not c.isascii()))
-
-
-_fuzz_chars = st.characters().filter(lambda c: not known_reader_bug_char(c))
+_fuzz_chars = st.characters()
 
 
 def check_total(text: str) -> None:
@@ -758,41 +749,23 @@ def test_written_service_reads_as_written(case: tuple[str, Config]) -> None:
     roundtrip(cfg)
 
 
-# --- reader bugs (not fixed here: the parsing code has another owner) -------------------
-# Real xinetd 2.3.15 counts lines by \n only and separates values by blanks and tabs only;
-# the reader splits lines with str.splitlines() and values with str.split(), and reads
-# digits with str.isdigit()/int(), which take any Unicode digit.
+# --- characters: as xinetd reads them -------------------------------------------------
+# Real xinetd 2.3.15 counts lines by \n only, separates values by C's blanks only, and reads
+# ASCII digits only (Python's splitlines(), split() and isdigit() take far more).
 
 
-@pytest.mark.xfail(strict=True, reason="reader bug: lines are split with str.splitlines(), "
-                   "which also breaks at \\f \\v \\r \\x1c-\\x1e \\x85 \\u2028 "
-                   "\\u2029: '\\f\\nservice a\\n{\\nbogus = 1\\n}' reports bogus at "
-                   "line 5, xinetd at line 4 (an Emacs page break shifts every later line)")
 def test_form_feed_is_not_a_line_break() -> None:
     assert err("\f\nservice a\n{\nbogus = 1\n}\n").line == 4
 
 
-@pytest.mark.xfail(strict=True, reason="reader bug: values are split with str.split(), "
-                   "which also splits at U+00A0 and other Unicode spaces: "
-                   "'only_from = 10.0.0.1\\u00a010.0.0.2' reads as two entries; xinetd "
-                   "logs 'failed to parse 10.0.0.1 10.0.0.2' (one bad entry)")
 def test_no_break_space_does_not_separate_values() -> None:
     err(service(REDIRECT + "only_from = 10.0.0.1\u00a010.0.0.2"))
 
 
 @pytest.mark.parametrize("body", [
-    pytest.param(REDIRECT.replace("8025", "\u00b2"), id="superscript-two", marks=pytest.mark.xfail(
-        strict=True, reason="reader bug: 'redirect = 127.0.0.1 \\u00b2' passes isdigit() "
-                            "and int() raises ValueError: not a ConfigError (totality)")),
-    pytest.param(REDIRECT.replace("4025", "\u0664\u0660\u0662\u0665"), id="arabic-port",
-                 marks=pytest.mark.xfail(
-        strict=True, reason="reader bug: 'port = \\u0664\\u0660\\u0662\\u0665' "
-                            "(Arabic-Indic 4025) is read as port 4025; xinetd refuses it")),
-    pytest.param(REDIRECT + "only_from = \u0661.\u0662.\u0663.\u0664", id="arabic-address",
-                 marks=pytest.mark.xfail(
-        strict=True, reason="reader bug: 'only_from = \\u0661.\\u0662.\\u0663.\\u0664' "
-                            "is read as 1.2.3.4/32 (\\d and int() take any digit); xinetd "
-                            "refuses it")),
+    pytest.param(REDIRECT.replace("8025", "\u00b2"), id="superscript-two"),
+    pytest.param(REDIRECT.replace("4025", "\u0664\u0660\u0662\u0665"), id="arabic-port"),
+    pytest.param(REDIRECT + "only_from = \u0661.\u0662.\u0663.\u0664", id="arabic-address"),
 ])
 def test_non_ascii_digits_are_config_errors(body: str) -> None:
     err(service(body))

@@ -71,8 +71,10 @@ def validate(cfg: Config) -> Config:
                 if overlaps(ep, other):
                     whose = ("this listener" if owner == lc.name
                              else f"listener {owner!r}")
-                    raise place.error(i, "addresses", f"{ep} overlaps {other} of {whose}: one "
-                                                      "socket would take the other's port")
+                    what = (f"is already used by {whose}" if ep == other
+                            else f"overlaps {other} of {whose}")
+                    raise place.error(i, "addresses", f"{ep} {what}: one socket would take "
+                                                      "the other's port")
             binds.append((ep, lc.name))
     if cfg.admin is not None:
         for ep, owner in binds:

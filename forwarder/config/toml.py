@@ -210,6 +210,9 @@ def _config_from_dict(data: dict[str, Any], lines: dict[str, int], file: str) ->
     r = _Reader(data, "", lines, file)
     user = r.get("user", str)
     group = r.get("group", str)
+    for k, v in (("user", user), ("group", group)):
+        if v is not None and not v.strip():
+            raise r.error(k, "must not be empty (leave the key out for the default)")
     drain = r.number("drain_timeout", 30.0, allow_zero=True)
     state_file = r.get("state_file", str)
     admin_s = r.get("admin", str)

@@ -15,6 +15,15 @@ Mapping (one `ListenerConfig` per service):
 - `redirect` -> the one (local) backend; mode and probe `smtp` for port 25 / service smtp
 - `only_from`, `no_access`, `instances`, `per_source`, `cps` -> access (defaults inherit)
 - `flags` NODELAY / KEEPALIVE -> nodelay / keepalive; `user` / `group` -> Config.user/group
+  (`user = root` is not taken: see `_build`)
+
+The result goes through the same shared checks as a TOML file (checks.validate), its errors
+named by service and line.
+
+Size: about 700 lines, because xinetd's language is large (defaults inheritance, includes,
+`+=`/`-=`, factorized addresses, services lookup) and every part of it must either map
+faithfully or fail with file and line; splitting syntax from mapping would put the two
+halves of each attribute's rule in different files.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any
 
 import structlog
 
+from .checks import validate
 from .model import (
     AccessConfig,
     BackendConfig,
@@ -40,10 +50,12 @@ from .model import (
     Endpoint,
     ListenerConfig,
     Mode,
+    Place,
     ProbeConfig,
     check_host,
     check_network,
     check_port,
+    default_probe_kind,
 )
 
 __all__ = ["load", "parse_text"]
@@ -78,7 +90,19 @@ HANDLED = frozenset({
 })
 KNOWN = IGNORED | HANDLED | DEFAULTS_ONLY
 
-_ATTR_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*(\+=|-=|=)\s*(.*)$")
+_BLANKS = " \t\r\f\v"  # C's isspace() but \n; Python's strip()/split() take Unicode spaces
+
+
+def _words(s: str) -> list[str]:
+    return [w for w in re.split(r"[ \t\r\f\v]+", s) if w]
+
+
+def _digits(s: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' and Arabic-Indic digits."""
+    return s.isascii() and s.isdigit()
+
+
+_ATTR_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)[ \t\r\f\v]*(\+=|-=|=)[ \t\r\f\v]*(.*)$")
 _NAME_OK = re.compile(r"^[^\s{}=#]+$")
 
 
@@ -178,7 +202,7 @@ class _Parser:
         self.blocks: list[_Block] = []
 
     def parse(self, text: str, file: str, depth: int = 0) -> None:
-        lines = text.splitlines()
+        lines = text.split("\n")  # xinetd reads with fgets: only \n ends a line
         i = 0
         while i < len(lines):
             no = i + 1
@@ -186,7 +210,7 @@ class _Parser:
             i += 1
             if not s:
                 continue
-            words = s.split()
+            words = _words(s)
             head = words[0]
             if head in ("include", "includedir"):
                 if len(words) != 2:
@@ -263,7 +287,7 @@ class _Parser:
                 if prev is not None:
                     raise ConfigError(f"set twice (first at {_esc(prev.file)}:{prev.line})",
                                       file=file, line=no, key=name)
-            block.ops.append(_Op(name, op, rest.split(), file, no))
+            block.ops.append(_Op(name, op, _words(rest), file, no))
         raise ConfigError(f"missing '}}' to close {block.kind} {block.name} (opened at line "
                           f"{block.line})", file=file, line=block.line, key=_bkey(block))
 
@@ -287,7 +311,7 @@ def _strip(line: str) -> str:
     As in xinetd, a '#' later in a line is not a comment: it is a value (and then most
     likely a wrong number of values, which is an error here and a warning in xinetd).
     """
-    s = line.strip()
+    s = line.strip(_BLANKS)
     return "" if s.startswith("#") else s
 
 
@@ -389,7 +413,7 @@ def _limit(a: _Attrs, name: str) -> int | None:
     s, op = v
     if s.upper() == "UNLIMITED":
         return None
-    if not s.isdigit() or int(s) < 1 or int(s) > 1_000_000_000:
+    if not _digits(s) or int(s) < 1 or int(s) > 1_000_000_000:
         raise a.err(op, f"expected a number >= 1 or UNLIMITED, got {s!r}")
     return int(s)
 
@@ -399,7 +423,7 @@ def _cps(a: _Attrs) -> Cps | None:
     if v is None:
         return None
     vals, op = v
-    if (len(vals) != 2 or not all(x.isdigit() for x in vals) or int(vals[0]) < 1
+    if (len(vals) != 2 or not all(_digits(x) for x in vals) or int(vals[0]) < 1
             or int(vals[1]) < 1 or int(vals[0]) > 1_000_000_000 or int(vals[1]) > 86400 * 365):
         raise a.err(op, f"expected 'cps = RATE PAUSE_SECONDS' (both >= 1), got "
                         f"{' '.join(vals)!r}")
@@ -409,7 +433,7 @@ def _cps(a: _Attrs) -> Cps | None:
 def _ipv4_wildcard(parts: list[str]) -> str | None:
     """xinetd's numeric IPv4 forms: missing or trailing zero components are wildcards
     (`10.1.2.0` = 10.1.2.0/24, `0.0.0.0` = everyone)."""
-    if not 1 <= len(parts) <= 4 or not all(p.isdigit() and len(p) <= 3 and int(p) <= 255
+    if not 1 <= len(parts) <= 4 or not all(_digits(p) and len(p) <= 3 and int(p) <= 255
                                            for p in parts):
         return None
     nums = [int(p) for p in parts] + [0] * (4 - len(parts))
@@ -421,20 +445,20 @@ def _ipv4_wildcard(parts: list[str]) -> str | None:
 
 def _address(entry: str, a: _Attrs, op: _Op) -> list[str]:
     """One only_from / no_access entry to forwarder access entries."""
-    m = re.fullmatch(r"((?:\d{1,3}\.){1,3})\{([0-9,\s]*)\}", entry)
+    m = re.fullmatch(r"((?:[0-9]{1,3}\.){1,3})\{([0-9, \t\r\f\v]*)\}", entry)
     if m:
         prefix = m.group(1).rstrip(".").split(".")
-        items = [x for x in m.group(2).split(",") if x.strip()]
+        items = [x for x in m.group(2).split(",") if x.strip(_BLANKS)]
         if not items:
             raise a.err(op, f"empty factorized address {entry!r}")
         out = []
         for x in items:
-            net = _ipv4_wildcard([*prefix, x.strip()])
+            net = _ipv4_wildcard([*prefix, x.strip(_BLANKS)])
             if net is None:
                 raise a.err(op, f"bad factorized address {entry!r}")
             out.append(net)
         return out
-    if re.fullmatch(r"[\d.]+", entry):
+    if re.fullmatch(r"[0-9.]+", entry):
         net = _ipv4_wildcard(entry.split("."))
         if net is None:
             raise a.err(op, f"bad IPv4 address {entry!r}")
@@ -545,7 +569,7 @@ def _service(b: _Block, defaults: dict[str, tuple[list[str], _Op]]) -> _Service:
     lc = ListenerConfig(
         name=b.name, addresses=addrs, port=port,
         backends=(BackendConfig(backend, priority=0, local=True),), mode=mode,
-        probe=ProbeConfig(kind="smtp" if mode == "smtp" else "tcp"), access=_access(a),
+        probe=ProbeConfig(kind=default_probe_kind(mode)), access=_access(a),
         reuse_port=False, nodelay="NODELAY" in flags, keepalive="KEEPALIVE" in flags)
     user = _name(a, "user")
     group = _name(a, "group")
@@ -562,7 +586,7 @@ def _name(a: _Attrs, attr: str) -> str | None:
 
 
 def _port(a: _Attrs, s: str, op: _Op) -> int:
-    if not s.isdigit():
+    if not _digits(s):
         raise a.err(op, f"expected a port number, got {s!r}")
     try:
         return check_port(int(s), op.name)
@@ -636,7 +660,6 @@ def _build(blocks: list[_Block], source: str, skip_unsupported: bool) -> Config:
         raise ConfigError("no enabled redirect service", file=source)
     listeners: list[ListenerConfig] = []
     names: set[str] = set()
-    binds: dict[tuple[str, int], str] = {}
     user = next((s.user for _, s in services if s.user), None)
     group = next((s.group for _, s in services if s.group), None)
     for b, s in services:
@@ -646,12 +669,6 @@ def _build(blocks: list[_Block], source: str, skip_unsupported: bool) -> Config:
             n += 1
             name = f"{lc.name}-{n}"
         names.add(name)
-        for ep in lc.endpoints:
-            k = (ep.host, ep.port)
-            if k in binds:
-                raise ConfigError(f"{ep} is already used by service {binds[k]!r}", file=b.file,
-                                  line=b.line, key=f"service {b.name}")
-            binds[k] = name
         if name != lc.name:
             lc = replace(lc, name=name)
         listeners.append(lc)
@@ -659,7 +676,29 @@ def _build(blocks: list[_Block], source: str, skip_unsupported: bool) -> Config:
             _log().warning("xinetd.user_differs", service=b.name, user=s.user, group=s.group,
                            using_user=user, using_group=group,
                            detail="one process runs every service: the first user/group wins")
-    return Config(listeners=tuple(listeners), user=user, group=group, source=source)
+    if user == "root":
+        # xinetd itself must run as root to spawn servers, so service files say root all
+        # the time; that is no request to keep a port forwarder root.  --user root is.
+        _log().info("xinetd.user_root", detail="the files say user = root: the forwarder "
+                                               "drops to nobody; pass --user root to keep root")
+        user = None
+    return validate(Config(listeners=tuple(listeners), user=user, group=group, source=source,
+                           places=_Place(source, [b for b, _ in services])))
+
+
+class _Place(Place):
+    """Errors found by the shared checks, named by service and its line."""
+
+    def __init__(self, file: str, blocks: list[_Block]) -> None:
+        super().__init__(file)
+        self.blocks = blocks
+
+    def error(self, index: int | None, name: str, message: str) -> ConfigError:
+        if index is None or index >= len(self.blocks):
+            return ConfigError(message, file=self.file, key=name)
+        b = self.blocks[index]
+        attr = {"addresses": "bind", "name": "service"}.get(name, name)
+        return ConfigError(message, file=b.file, line=b.line, key=f"{_bkey(b)}: {attr}")
 
 
 # ---------------------------------------------------------------------------------------
