@@ -251,7 +251,7 @@ class Service:
                 nxt.cancel()
             elif nxt.result() == "stop" and self.exit_code == 0:
                 self.exit_code = 1
-                live = sum(len(lst.splices) for lst in self.listeners.values())
+                live = sum(lst.conns.active for lst in self.listeners.values())
                 log.warning("forwarder.forced_exit", cut=live,
                             detail="second stop signal: live connections reset")
                 for lst in self.listeners.values():
@@ -261,7 +261,7 @@ class Service:
     async def shutdown(self) -> None:
         system.sd_notify("STOPPING=1")
         log.info("forwarder.stopping", drain_timeout=self.cfg.drain_timeout,
-                 active=sum(len(lst.splices) for lst in self.listeners.values()))
+                 active=sum(lst.conns.active for lst in self.listeners.values()))
         if self._watchdog is not None:
             self._watchdog.cancel()
         cut = await asyncio.gather(*(lst.stop(self.cfg.drain_timeout)

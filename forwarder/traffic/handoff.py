@@ -27,20 +27,43 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
+from ..config.model import SockAddr
 from ..net import proxy_protocol
 from ..net.sockets import reset
 from .deadlines import Deadlines
 from .poller import Poller
 from .splice import COPY_MAX
 
-if TYPE_CHECKING:
-    from ..health.backends import Backend
-
 Address = tuple[str, int]
-Dialer = Callable[["Backend"], socket.socket]
+
+
+class Deadline(Protocol):
+    @property
+    def seconds(self) -> float: ...
+
+
+class Candidate(Protocol):
+    """What the hand-off needs of a backend (health.backends.Backend in the master, a
+    replica in a worker process)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def sockaddr(self) -> SockAddr: ...
+
+    @property
+    def greeting(self) -> Deadline: ...
+
+    def passive_failure(self, reason: str, detail: str = "") -> None: ...
+
+    def connect_time(self, seconds: float) -> None: ...
+
+
+Dialer = Callable[[Candidate], socket.socket]
 
 # what a read reports when the connect itself failed (refused, no route, SYNs unanswered)
 CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
@@ -57,7 +80,7 @@ class Sink(Protocol):
     def refused(self, h: Handoff, outcome: str) -> None: ...
 
 
-def dial(b: Backend, options: Callable[[socket.socket], None]) -> socket.socket:
+def dial(b: Candidate, options: Callable[[socket.socket], None]) -> socket.socket:
     """A non-blocking socket with its connect to `b` under way (or failed: OSError)."""
     family, sockaddr = b.sockaddr
     bs = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no ioctl
@@ -91,13 +114,13 @@ class Handoff:
                  "todo", "token", "tried")
 
     def __init__(self, plan: Plan, conn: socket.socket, addr: Address,
-                 candidates: list[Backend]) -> None:
+                 candidates: Sequence[Candidate]) -> None:
         self.plan = plan
         self.conn = conn
         self.addr = addr
         self.todo = candidates
         self.tried = 0
-        self.backend: Backend | None = None
+        self.backend: Candidate | None = None
         self.bs: socket.socket | None = None
         self.step = ""  # what the deadline is for: connect, greeting, or direct (both)
         self.t0 = 0.0
@@ -116,8 +139,8 @@ class Handoff:
 
     def _next(self) -> None:
         plan = self.plan
-        while self.todo:
-            b = self.todo.pop(0)
+        while self.tried < len(self.todo):
+            b = self.todo[self.tried]
             self.tried += 1
             try:
                 bs = plan.dial(b)
@@ -130,7 +153,7 @@ class Handoff:
             return
         plan.sink.refused(self, "backend_failed_421" if self.tried else "no_backend_421")
 
-    def _wait(self, b: Backend, bs: socket.socket) -> None:
+    def _wait(self, b: Candidate, bs: socket.socket) -> None:
         plan = self.plan
         now = plan.poller.loop.time()
         self.backend, self.bs, self.t0 = b, bs, now
