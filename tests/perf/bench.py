@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import debs
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BUILD = HERE / ".build"
@@ -191,56 +193,16 @@ def build_load() -> Path:
 
 
 PF_ROOT = BUILD / "postfix"
-
-
-def _postfix_ok() -> bool:
-    env = {**os.environ, "LD_LIBRARY_PATH": str(PF_ROOT / "usr/lib/postfix")}
-    for tool in ("smtp-source", "smtp-sink"):
-        exe = PF_ROOT / "usr/sbin" / tool
-        if not exe.exists():
-            return False
-        r = subprocess.run(["ldd", str(exe)], capture_output=True, text=True, env=env,
-                           timeout=30)
-        if "not found" in r.stdout:
-            return False
-    return True
+PF_TOOLS = ("usr/sbin/smtp-source", "usr/sbin/smtp-sink")
+PF_LIBS = ("usr/lib/postfix",)
 
 
 def postfix_tools() -> tuple[Path, Path, dict[str, str]] | str:
     """(smtp-source, smtp-sink, env) extracted from Debian's postfix package, or why not."""
-    env = {**os.environ, "LD_LIBRARY_PATH": str(PF_ROOT / "usr/lib/postfix")}
-    tools = (PF_ROOT / "usr/sbin/smtp-source", PF_ROOT / "usr/sbin/smtp-sink", env)
-    if _postfix_ok():
-        return tools
-    if not shutil.which("apt-get") or not shutil.which("dpkg"):
-        return "apt-get/dpkg missing: cannot fetch postfix's smtp-source/smtp-sink"
-    dl = BUILD / "postfix-dl"
-    shutil.rmtree(dl, ignore_errors=True)
-    dl.mkdir(parents=True)
-    try:
-        r = subprocess.run(["apt-get", "download", "postfix"], cwd=dl, capture_output=True,
-                           text=True, timeout=300)
-        if r.returncode != 0 and os.geteuid() == 0:  # stale package lists
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
-            r = subprocess.run(["apt-get", "download", "postfix"], cwd=dl,
-                               capture_output=True, text=True, timeout=300)
-        debs = list(dl.glob("postfix_*.deb"))
-        if not debs:
-            return f"apt-get download postfix failed: {r.stderr.strip()[-200:]}"
-        subprocess.run(["dpkg", "-x", str(debs[0]), str(PF_ROOT)], check=True, timeout=120)
-        if not _postfix_ok() and os.geteuid() == 0:  # its shared libraries, from Depends
-            dep = subprocess.run(["dpkg-deb", "-f", str(debs[0]), "Depends"],
-                                 capture_output=True, text=True, timeout=30).stdout
-            libs = [d.split("(")[0].split("|")[0].strip() for d in dep.split(",")]
-            libs = [x for x in libs if x.startswith("lib")]
-            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                            *libs], capture_output=True, timeout=600,
-                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"cannot extract postfix's tools: {e}"
-    finally:
-        shutil.rmtree(dl, ignore_errors=True)
-    return tools if _postfix_ok() else "smtp-source/smtp-sink cannot run (libraries missing)"
+    got = debs.private_root(["postfix"], BUILD / "debs", PF_ROOT, PF_TOOLS, PF_LIBS)
+    if isinstance(got, str):
+        return got
+    return got / PF_TOOLS[0], got / PF_TOOLS[1], debs.library_path(got, PF_LIBS)
 
 
 def smtp_rate(source: Path, env: dict[str, str], port: int, msgs: int) -> float | None:
