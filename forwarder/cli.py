@@ -21,6 +21,7 @@ from typing import Any
 
 from . import __version__
 from .config import load
+from .config.checks import worker_count
 from .config.cli_args import Overrides, apply, from_cli
 from .config.model import Config, ConfigError
 from .config.toml import load_toml, to_dict, to_toml
@@ -48,7 +49,18 @@ def _override_args(p: argparse.ArgumentParser) -> None:
                                   "root only when given explicitly)")
     p.add_argument("--group", help="group to drop to (default: the user's group)")
     p.add_argument("--admin", metavar="ADDR:PORT", help="admin HTTP listener (/metrics ...)")
+    p.add_argument("--workers", type=_workers, metavar="N|auto",
+                   help="worker processes accepting and relaying (auto: one per CPU)")
     _log_args(p)
+
+
+def _workers(v: str) -> int | str:
+    if v == "auto":
+        return v
+    n = int(v)
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError("expected auto or 1..256")
+    return n
 
 
 def _oneliner_parser() -> argparse.ArgumentParser:
@@ -80,7 +92,7 @@ def _overrides(ns: argparse.Namespace) -> Overrides:
     return Overrides(user=ns.user, group=ns.group, admin=ns.admin,
                      probe=getattr(ns, "probe", None), mode=getattr(ns, "mode", None),
                      interval=getattr(ns, "interval", None), log_format=ns.log_format,
-                     log_level=ns.log_level)
+                     log_level=ns.log_level, workers=ns.workers)
 
 
 def _read_xinetd(path: str, skip: bool, o: Overrides) -> Config:
@@ -250,10 +262,16 @@ def _run(cfg: Config, reloader: Callable[[], Config] | None, activated: list[Any
         system.drop_privileges(cfg.user, cfg.group)
     except (OSError, system.SystemError_) as e:
         raise system.SystemError_(f"cannot drop privileges: {e}") from None
+    workers = worker_count(cfg)
+    zygote = None
+    if workers > 1:  # forked now: no event loop exists yet (workers/zygote.py)
+        from .workers import worker
+        from .workers.zygote import Zygote
+        zygote = Zygote.fork(worker.main)
 
     async def go() -> int:
         return await Service(cfg, socks, reloader=reloader, activated=activated,
-                             admin_sock=admin_sock).run()
+                             admin_sock=admin_sock, zygote=zygote, workers=workers).run()
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(go())
@@ -265,7 +283,8 @@ def _preimport() -> None:
     import importlib
 
     for name in ("concurrent.futures.thread", "forwarder.ops.admin", "forwarder.config.xinetd",
-                 "forwarder.health.discovery", "encodings.idna", "encodings.ascii"):
+                 "forwarder.health.discovery", "forwarder.workers.worker",
+                 "forwarder.workers.hub", "encodings.idna", "encodings.ascii"):
         importlib.import_module(name)
 
 

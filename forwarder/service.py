@@ -28,6 +28,8 @@ from .config.model import Config, ConfigError, Endpoint, ListenerConfig, SockAdd
 from .net.sockets import local_addresses
 from .ops import admin, logs, supervise, system
 from .traffic.listener import Listener
+from .workers.hub import Hub
+from .workers.zygote import Zygote
 
 log = structlog.get_logger("forwarder.service")
 
@@ -104,8 +106,12 @@ RESTART_KEYS = ("user", "group")
 class Service:
     def __init__(self, cfg: Config, socks: dict[str, list[socket.socket]], *,
                  reloader: Reloader | None = None, activated: list[socket.socket] | None = None,
-                 admin_sock: socket.socket | None = None) -> None:
+                 admin_sock: socket.socket | None = None, zygote: Zygote | None = None,
+                 workers: int = 1) -> None:
         self.cfg = cfg
+        self.zygote = zygote
+        self.worker_count = workers
+        self.hub: Hub | None = None
         self.socks = socks
         self.reloader = reloader
         self.activated = activated or []
@@ -124,8 +130,13 @@ class Service:
         loop = asyncio.get_running_loop()
         for w in self.cfg.warnings:
             log.warning("config.warning", detail=w)
+        if self.zygote is not None:
+            self.hub = Hub(self.zygote, self.worker_count, lambda: self.listeners,
+                           (self.cfg.log.format, self.cfg.log.level))
         for lc in self.cfg.listeners:
             await self._add_listener(lc, self.socks[lc.name])
+        if self.hub is not None:
+            await self.hub.start()
         for sig, ev in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop"),
                         (signal.SIGHUP, "reload")):
             loop.add_signal_handler(sig, self._events.put_nowait, ev)
@@ -157,6 +168,8 @@ class Service:
 
     async def _add_listener(self, lc: ListenerConfig, socks: list[socket.socket]) -> None:
         lst = Listener(lc, socks, self.hostname, own=self._own_sa, activated=self.activated)
+        if self.hub is not None:
+            lst.use_workers(self.hub)
         self.listeners[lc.name] = lst
         if lc.name in self.state.drained:  # before the first probe can open the gate
             lst.gate.drain()
@@ -183,6 +196,11 @@ class Service:
         if new.log != self.cfg.log:
             logs.setup(new.log.format, new.log.level)
             log.info("reload.log", format=new.log.format, level=new.log.level)
+            if self.hub is not None:
+                self.hub.log_changed(new.log.format, new.log.level)
+        if new.workers != self.cfg.workers:
+            log.error("reload.needs_restart", keys=["workers"],
+                      detail="the number of worker processes is set at start")
         for w in new.warnings:
             log.warning("config.warning", detail=w)
         admin_ep = await self._reload_admin(new.admin)
@@ -196,6 +214,8 @@ class Service:
                               error=str(e))
                     continue
                 await self._add_listener(lc, socks)
+                if self.hub is not None:
+                    self.hub.added(self.listeners[lc.name])
                 log.info("reload.listener_added", listener=lc.name)
                 continue
             if set(lc.endpoints) != set(cur.cfg.endpoints):
@@ -205,13 +225,18 @@ class Service:
                           new=[str(e) for e in lc.endpoints])
                 lc = replace(lc, addresses=cur.cfg.addresses, port=cur.cfg.port)
             await cur.reconfigure(lc)
+            if self.hub is not None:
+                self.hub.reconfigured(cur)
         names = {lc.name for lc in new.listeners}
         for name in [n for n in self.listeners if n not in names]:
             lst = self.listeners.pop(name)
+            if self.hub is not None:
+                self.hub.removed(name)
             log.info("reload.listener_removed", listener=name)
             asyncio.get_running_loop().create_task(lst.stop(new.drain_timeout),
                                                    name=f"retire {name}")
         self.cfg = replace(new, admin=admin_ep, user=self.cfg.user, group=self.cfg.group,
+                           workers=self.cfg.workers,
                            listeners=tuple(lst.cfg for lst in self.listeners.values()))
         log.info("reload.done", listeners=sorted(self.listeners))
         system.sd_notify("READY=1")
@@ -256,6 +281,8 @@ class Service:
                             detail="second stop signal: live connections reset")
                 for lst in self.listeners.values():
                     lst.cut()
+                if self.hub is not None:
+                    self.hub.cut()
         await shutdown
 
     async def shutdown(self) -> None:
@@ -264,8 +291,11 @@ class Service:
                  active=sum(lst.conns.active for lst in self.listeners.values()))
         if self._watchdog is not None:
             self._watchdog.cancel()
+        hub = self.hub.stop(self.cfg.drain_timeout) if self.hub is not None else None
         cut = await asyncio.gather(*(lst.stop(self.cfg.drain_timeout)
                                      for lst in self.listeners.values()))
+        if hub is not None:
+            await hub
         if self._admin_stop is not None:
             await self._admin_stop()
         log.info("forwarder.stopped", cut=sum(cut))
@@ -280,6 +310,7 @@ class Service:
             fds = -1
         return {"version": __version__, "pid": os.getpid(),
                 "tasks": len(asyncio.all_tasks()), "fds": fds,
+                "workers": self.hub.status() if self.hub is not None else [],
                 "listeners": [lst.status() for lst in self.listeners.values()]}
 
     def readiness(self) -> list[str]:

@@ -14,6 +14,7 @@ shown or counted.  A local gate without a local backend never opens.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import replace
 
 from .model import Config, ConfigError, Endpoint, Place, ProbeConfig
@@ -76,6 +77,10 @@ def validate(cfg: Config) -> Config:
                     raise place.error(i, "addresses", f"{ep} {what}: one socket would take "
                                                       "the other's port")
             binds.append((ep, lc.name))
+    if isinstance(cfg.workers, int) and cfg.workers > 1 and limited(cfg):
+        raise place.error(None, "workers", f"listener {limited(cfg)[0]!r} has instances, "
+                          "per_source or cps limits, which one process must count: "
+                          "use workers = 1")
     if cfg.admin is not None:
         for ep, owner in binds:
             if overlaps(cfg.admin, ep):
@@ -83,6 +88,22 @@ def validate(cfg: Config) -> Config:
                                                  f"{owner!r}: give the admin endpoint its own "
                                                  "port")
     return replace(cfg, warnings=tuple(warnings))
+
+
+def limited(cfg: Config) -> list[str]:
+    """Listeners with xinetd's connection limits, which one process must count."""
+    return [lc.name for lc in cfg.listeners if lc.access.instances is not None
+            or lc.access.per_source is not None or lc.access.cps is not None]
+
+
+def worker_count(cfg: Config) -> int:
+    """Worker processes to run: `workers`, where "auto" is one per CPU this process may
+    use, and 1 (no workers) when a listener has limits only one process can count."""
+    if cfg.workers != "auto":
+        return cfg.workers
+    if limited(cfg):
+        return 1
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def is_own_address(sockaddr: tuple[object, ...], listens: list[Endpoint],

@@ -8,7 +8,7 @@ held to exactly what a TOML file is.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from .checks import validate
 from .model import (
@@ -46,6 +46,7 @@ class Overrides:
     interval: float | None = None
     log_format: str | None = None
     log_level: str | None = None
+    workers: int | Literal["auto"] | None = None
 
 
 def _flag(fn: Any, value: str, flag: str) -> Any:
@@ -100,5 +101,6 @@ def apply(cfg: Config, o: Overrides) -> Config:
                   user=o.user if o.user is not None else cfg.user,
                   group=o.group if o.group is not None else cfg.group,
                   admin=(_flag(parse_endpoint, o.admin, "--admin") if o.admin is not None
-                         else cfg.admin))
+                         else cfg.admin),
+                  workers=o.workers if o.workers is not None else cfg.workers)
     return validate(out)

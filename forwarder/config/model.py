@@ -207,6 +207,9 @@ class Config:
     # where an operator's drain is kept across restarts; None: $STATE_DIRECTORY/state.json
     # under systemd (StateDirectory=), else nowhere
     state_file: str | None = None
+    # worker processes accepting and relaying ("auto": one per CPU; 1: this process does
+    # it all); see workers/hub.py
+    workers: int | Literal["auto"] = 1
     source: str = "<cli>"
     # where each key was written, for errors found after reading (see `Place`)
     places: Place | None = field(default=None, compare=False, repr=False, metadata=DERIVED)

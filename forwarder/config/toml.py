@@ -215,6 +215,9 @@ def _config_from_dict(data: dict[str, Any], lines: dict[str, int], file: str) ->
             raise r.error(k, "must not be empty (leave the key out for the default)")
     drain = r.number("drain_timeout", 30.0, allow_zero=True)
     state_file = r.get("state_file", str)
+    workers = r.get("workers", (int, str), 1)
+    if workers != "auto" and (not isinstance(workers, int) or not 1 <= workers <= 256):
+        raise r.error("workers", f"expected \"auto\" or a number 1..256, got {workers!r}")
     admin_s = r.get("admin", str)
     admin = r.wrap("admin", parse_endpoint, admin_s, "admin") if admin_s else None
     log = LogConfig()
@@ -237,7 +240,7 @@ def _config_from_dict(data: dict[str, Any], lines: dict[str, int], file: str) ->
     r.done()
     return validate(Config(listeners=tuple(listeners), user=user, group=group,
                            drain_timeout=drain, admin=admin, log=log, source=file,
-                           state_file=state_file,
+                           state_file=state_file, workers=workers,
                            places=_TomlPlace(file, lines)))
 
 
@@ -502,6 +505,7 @@ def to_toml(cfg: Config, *, from_xinetd: bool = False) -> str:
     out.append(f"drain_timeout = {_tv(cfg.drain_timeout)}")
     if cfg.state_file:
         out.append(f"state_file = {_tv(cfg.state_file)}")
+    out.append(f"workers = {_tv(cfg.workers)}")
     if cfg.admin:
         out.append(f"admin = {_tv(str(cfg.admin))}")
     elif from_xinetd:

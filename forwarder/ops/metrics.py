@@ -10,6 +10,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from itertools import accumulate
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -250,3 +251,69 @@ class BackendMetrics:
     def transition(self, up: bool) -> None:
         self.up.set(1 if up else 0)
         backend_transitions.labels(self.name, "up" if up else "down").inc()
+
+
+# ------------------------------------------------------------------ worker processes
+# A worker counts its connections in its own copy of these families and sends cumulative
+# values to the master (workers/hub.py), which adds each report's difference to its own:
+# one /metrics for the whole process tree, the same names and labels as a single process.
+
+HOT: tuple[HotFamily, ...] = (connections, connections_active, splice_bytes)
+HOT_HISTOGRAMS: tuple[HotHistogram, ...] = (backend_connect, splice_duration)
+# (counter, its label names): prometheus_client keeps these private
+WORKER_COUNTERS: tuple[tuple[Counter, tuple[str, ...]], ...] = (
+    (internal_errors, ("task",)), (accept_errors, ("listener", "errno")))
+
+Snapshot = dict[str, dict[tuple[str, ...], Any]]
+
+
+def snapshot() -> Snapshot:
+    """This process's cumulative values of what a worker counts."""
+    out: Snapshot = {}
+    for f in HOT:
+        out[f.name] = {k: c.value for k, c in list(f.children.items())}
+    for h in HOT_HISTOGRAMS:
+        out[h.name] = {k: (list(c.counts), c.sum) for k, c in list(h.children.items())}
+    for counter, labels in WORKER_COUNTERS:
+        for m in counter.collect():
+            out[m.name] = {tuple(smp.labels[n] for n in labels): smp.value
+                           for smp in m.samples if smp.name.endswith("_total")}
+    return out
+
+
+class Merger:
+    """Folds workers' snapshots into this process's families."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, Snapshot] = {}
+
+    def apply(self, worker: int, snap: Snapshot) -> None:
+        last = self.last.get(worker, {})
+        for f in HOT:
+            before = last.get(f.name, {})
+            for k, v in snap.get(f.name, {}).items():
+                d = v - before.get(k, 0.0)
+                if d:
+                    f.labels(*k).inc(d)
+        for h in HOT_HISTOGRAMS:
+            before = last.get(h.name, {})
+            for k, (counts, total) in snap.get(h.name, {}).items():
+                old_counts, old_sum = before.get(k, ([0] * len(counts), 0.0))
+                child = h.labels(*k)
+                for i, (n, o) in enumerate(zip(counts, old_counts, strict=True)):
+                    child.counts[i] += n - o
+                child.sum += total - old_sum
+        for counter, _ in WORKER_COUNTERS:
+            for m in counter.collect():
+                before = last.get(m.name, {})
+                for k, v in snap.get(m.name, {}).items():
+                    d = v - before.get(k, 0.0)
+                    if d > 0:
+                        counter.labels(*k).inc(d)
+        self.last[worker] = snap
+
+    def forget(self, worker: int) -> None:
+        """A worker is gone: what it counted stays; what it held open (a gauge) does not."""
+        last = self.last.pop(worker, {})
+        for k, v in last.get(connections_active.name, {}).items():
+            connections_active.labels(*k).inc(-v)

@@ -40,17 +40,13 @@ import structlog
 
 from ..net.sockets import relisten, unlisten
 from ..ops import supervise
-from ..ops.metrics import ListenerMetrics, accept_errors, gate_open_failures
+from ..ops.metrics import ListenerMetrics, gate_open_failures
 from ..ops.system import port_holder
+from .acceptor import AcceptHandler, Acceptor
 
 log = structlog.get_logger("forwarder.gate")
 
-Address = tuple[str, int]
-AcceptHandler = Callable[[socket.socket, Address], None]
 
-# accept() errors that mean "out of resources now": back off instead of spinning
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-ACCEPT_BATCH = 64
 CLOSE_SETTLE = 0.1  # seconds a closing gate still accepts in-flight handshakes
 RETRY_FIRST = 0.1  # a failed listen() is retried after this, doubling ...
 RETRY_MAX = 5.0  # ... up to this
@@ -104,10 +100,12 @@ class Gate:
         self.name = name
         self.socks = socks
         self.activated = [s for s in socks if s in activated]  # systemd's: handed back
+        self.acceptor = Acceptor(name, socks, on_accept, resource_pause=resource_pause)
+        # worker processes accept on these sockets when set (workers/hub.py): the gate
+        # then only tells them, and accepts itself only to answer its queue when closing
+        self.on_listening: Callable[[bool], None] | None = None
         self.backlog = backlog
-        self.on_accept = on_accept
         self.metrics = metrics
-        self.resource_pause = resource_pause
         self.is_open = False
         self.reason = "start"
         self.drained = False  # operator override: closed for maintenance
@@ -118,7 +116,6 @@ class Gate:
         # connection that triggered the activation): it stays so until the first verdict
         self._listening_at_start = any(
             s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) for s in socks)
-        self._backoff: asyncio.TimerHandle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.TimerHandle | None = None  # CLOSE_SETTLE still running
         self._retry: asyncio.TimerHandle | None = None  # a failed listen(), to be retried
@@ -220,8 +217,7 @@ class Gate:
                     pass
             self._open_failed(self.socks[len(done)], e)
             return
-        for s in self.socks:
-            self._loop.add_reader(s.fileno(), self._accept_ready, s)
+        self._listening(True)
         self._cancel_retry()
         failures, self.open_failures, self.open_error = self.open_failures, 0, None
         self._retry_wait = RETRY_FIRST
@@ -260,17 +256,21 @@ class Gate:
             self.open_error, self.open_failures = None, 0  # no longer trying
             self._retry_wait = RETRY_FIRST
 
+    def _listening(self, on: bool) -> None:
+        if self.on_listening is not None:
+            self.on_listening(on)
+        elif on:
+            self.acceptor.on()
+        else:
+            self.acceptor.off()
+
     def _close(self, reason: str) -> None:
-        if self._backoff:
-            self._backoff.cancel()
-            self._backoff = None
         filtered = all([_drop_syns(s, True) for s in self.socks])
         was_open, self.is_open = self.is_open, False
         if filtered and was_open and not self.stopping:
             # accepting goes on (each one answered 421 or spliced) until in-flight
             # handshakes are done; see the module docstring
-            for s in self.socks:
-                self._accept_all(s, limit=None)
+            self.acceptor.drain()
             self._closing = self._loop.call_later(CLOSE_SETTLE, self._finish_close, reason)
         else:
             self._finish_close(reason)
@@ -278,9 +278,9 @@ class Gate:
     def _finish_close(self, reason: str) -> None:
         """Out of LISTEN: from now on a SYN is refused; that is when the gate is closed."""
         self._closing = None
+        self._listening(False)
         for s in self.socks:
-            self._loop.remove_reader(s.fileno())
-            self._accept_all(s, limit=None)  # the queue: answer, don't reset
+            self.acceptor.batch(s, None)  # the queue: answer, don't reset
             try:
                 unlisten(s)
             except OSError as e:  # ENOTCONN on kernels without the trick: say so loudly
@@ -295,74 +295,19 @@ class Gate:
         log.info("gate." + state, listener=self.name, reason=reason,
                  **{k: v for k, v in extra.items() if v is not None})
 
-    def _accept_ready(self, sock: socket.socket) -> None:
-        self._accept_all(sock, limit=ACCEPT_BATCH)
-
-    def _accept_all(self, sock: socket.socket, limit: int | None) -> None:
-        # socket.accept() converts family/type to enums on every call; with the ints
-        # cached the hot path builds the socket object directly
-        fam, typ, proto = int(sock.family), int(sock.type), sock.proto
-        raw_accept = sock._accept  # type: ignore[attr-defined]
-        n = 0
-        while limit is None or n < limit:
-            try:
-                fd, addr = raw_accept()
-                conn = socket.socket(fam, typ, proto, fileno=fd)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in _RESOURCE_ERRNOS:
-                    self._resource_exhausted(sock, e)
-                    return
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                if e.errno != errno.EINVAL:  # EINVAL: not listening (closed under us)
-                    accept_errors.labels(self.name, errno.errorcode.get(e.errno or 0, "?")
-                                         ).inc()
-                return
-            n += 1
-            try:
-                self.on_accept(conn, addr)
-            except Exception:  # one connection's bug must not stop the accept loop
-                supervise.internal_error("accept", "gate.handler_failed", listener=self.name)
-                conn.close()
-
-    def _resource_exhausted(self, sock: socket.socket, e: OSError) -> None:
-        """Out of fds/buffers: stop polling this socket for a moment instead of spinning.
-
-        The socket stays in LISTEN, so the kernel queues new clients meanwhile.
-        """
-        name = errno.errorcode.get(e.errno or 0, str(e.errno))
-        accept_errors.labels(self.name, name).inc()
-        if self._backoff is not None:
-            return
-        log.warning("gate.accept_paused", listener=self.name, error=name,
-                    seconds=self.resource_pause)
-        for s in self.socks:
-            self._loop.remove_reader(s.fileno())
-
-        def again() -> None:
-            self._backoff = None
-            if self.is_open:
-                for s in self.socks:
-                    self._loop.add_reader(s.fileno(), self._accept_ready, s)
-        self._backoff = self._loop.call_later(self.resource_pause, again)
-
     def release(self) -> None:
         """At exit (or when a reload removes the listener): stop accepting and let go of
         the sockets.  Our own are closed; sockets from systemd go back to LISTEN first, so
         the socket unit keeps queueing clients for the next instance and a restart refuses
         no SYN."""
-        for t in (self._backoff, self._hold_timer, self._retry):
+        for t in (self._hold_timer, self._retry):
             if t is not None:
                 t.cancel()
-        self._backoff = self._hold_timer = self._retry = None
+        self._hold_timer = self._retry = None
         if self._closing is not None:
             self._closing.cancel()
             self._finish_close("shutdown")
-        for s in self.socks:
-            if self.is_open:
-                self._loop.remove_reader(s.fileno())
+        self.acceptor.close()
         self.is_open = False
         for s in self.socks:
             if s in self.activated:

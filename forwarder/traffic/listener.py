@@ -12,7 +12,7 @@ import asyncio
 import socket
 from collections.abc import Callable, Collection
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -21,11 +21,22 @@ from ..health.backends import Backend, Pool
 from ..health.discovery import Discovery, Scope
 from ..ops.metrics import ListenerMetrics
 from ..ops.system import tune
+from .acceptor import Address
 from .access import Access
 from .connections import Connections
-from .gate import Address, Gate
+from .gate import Gate
 
 log = structlog.get_logger("forwarder.listener")
+
+class Workers(Protocol):
+    """What a listener tells its worker processes (workers/hub.py implements it)."""
+
+    def listening(self, name: str, on: bool) -> None: ...
+
+    def backends_changed(self, name: str) -> None: ...
+
+    def counts(self, name: str) -> tuple[int, int]: ...
+
 
 def greeting_policy(cfg: ListenerConfig) -> tuple[float | None, float]:
     g = cfg.greeting_timeout
@@ -46,8 +57,14 @@ class Listener:
         self.access = Access(cfg.access, self.loop.time, self.gate.hold_closed)
         self.discovery: Discovery | None = None
         self.conns = Connections(cfg, cfg.hostname or hostname, self.metrics, self._release)
+        self.workers: Workers | None = None  # worker processes accept for us (workers/hub.py)
         self._configure(cfg)
         self.pool.subscribe(self._health_changed)
+
+    def use_workers(self, workers: Workers) -> None:
+        """From now on worker processes accept on our sockets; we tell them when to."""
+        self.workers = workers
+        self.gate.on_listening = lambda on: workers.listening(self.cfg.name, on)
 
     def _configure(self, cfg: ListenerConfig) -> None:
         """What follows from the config alone (at start and at every reload)."""
@@ -100,6 +117,8 @@ class Listener:
         self.gate.set_healthy(self.healthy(), why)
         if not b.up:
             self.conns.release_waiting(b)
+        if self.workers is not None:
+            self.workers.backends_changed(self.cfg.name)
 
     async def reconfigure(self, cfg: ListenerConfig) -> None:
         """Apply a reloaded config that kept our addresses; live splices are untouched."""
@@ -143,6 +162,7 @@ class Listener:
             self.access.release(host)
 
     def status(self) -> dict[str, Any]:
+        remote = self.workers.counts(self.cfg.name) if self.workers is not None else (0, 0)
         return {
             "name": self.cfg.name,
             "addresses": [str(e) for e in self.cfg.endpoints],
@@ -150,7 +170,7 @@ class Listener:
             "gate": {**self.gate.status(), "policy": self.cfg.gate},
             "greeting_timeout": self.cfg.greeting_timeout,
             "greeting_timeout_max": self.cfg.greeting_timeout_max,
-            "connections_active": self.conns.active,
-            "connections_pending": self.conns.waiting,
+            "connections_active": self.conns.active + remote[0],
+            "connections_pending": self.conns.waiting + remote[1],
             "backends": [b.status() for b in self.pool.backends],
         }

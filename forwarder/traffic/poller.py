@@ -44,6 +44,7 @@ class Poller:
         self.readers: dict[int, Callback] = {}
         self.writers: dict[int, Callback] = {}
         self.masks: dict[int, int] = {}
+        self.exclusive: set[int] = set()  # listening sockets shared by worker processes
         # fds dropped while a batch of events is dispatched: the rest of that batch may
         # hold stale events for them, and a new socket may already reuse the number
         self._dead: set[int] = set()
@@ -65,18 +66,25 @@ class Poller:
         if not mask:
             del self.masks[fd]
             self._dead.add(fd)
+            self.exclusive.discard(fd)
             try:
                 self.ep.unregister(fd)
             except OSError:
                 pass
         elif old is None:
-            self.ep.register(fd, mask)
+            # EPOLLEXCLUSIVE takes EPOLLIN but not EPOLLRDHUP (EINVAL)
+            self.ep.register(fd, (select.EPOLLIN | select.EPOLLEXCLUSIVE)
+                             if fd in self.exclusive else mask)
             self.masks[fd] = mask
         else:
             self.ep.modify(fd, mask)
             self.masks[fd] = mask
 
-    def add_reader(self, fd: int, cb: Callback) -> None:
+    def add_reader(self, fd: int, cb: Callback, *, exclusive: bool = False) -> None:
+        """`exclusive`: EPOLLEXCLUSIVE, for a listening socket several processes poll (one
+        wake-up per connection); such an fd takes no writer (the flag forbids a MOD)."""
+        if exclusive:
+            self.exclusive.add(fd)
         self.readers[fd] = cb
         self.sync(fd)
 
