@@ -10,7 +10,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "forwarder"
 # private names of the standard library we use on purpose, with the reason
 ALLOWED_PRIVATE = {
-    "_accept": "gate.py: socket._accept() skips two enum conversions per accepted socket",
+    "_accept": "acceptor.py: socket._accept() skips two enum conversions per accepted socket",
+    "_exit": "zygote.py: os._exit(), a forked child must not run its parent's atexit handlers",
 }
 LONG = 420
 
