@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .config.checks import is_own_address
+from .config.checks import is_own_address, limited
 from .config.model import Config, ConfigError, Endpoint, ListenerConfig, SockAddr
 from .net.sockets import local_addresses
 from .ops import admin, logs, supervise, system
@@ -189,6 +189,13 @@ class Service:
             log.error("reload.failed", error=str(e), detail="keeping the running config")
             system.sd_notify("READY=1")
             return
+        if self.hub is not None and limited(new):
+            log.error("reload.failed", error=f"listener {limited(new)[0]!r} now has "
+                      "instances, per_source or cps limits, which worker processes cannot "
+                      "share", detail="keeping the running config; set workers = 1 and "
+                                      "restart")
+            system.sd_notify("READY=1")
+            return
         changed = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.cfg, k)]
         if changed:
             log.error("reload.needs_restart", keys=changed,
@@ -276,7 +283,7 @@ class Service:
                 nxt.cancel()
             elif nxt.result() == "stop" and self.exit_code == 0:
                 self.exit_code = 1
-                live = sum(lst.conns.active for lst in self.listeners.values())
+                live = sum(lst.active for lst in self.listeners.values())
                 log.warning("forwarder.forced_exit", cut=live,
                             detail="second stop signal: live connections reset")
                 for lst in self.listeners.values():
@@ -288,14 +295,13 @@ class Service:
     async def shutdown(self) -> None:
         system.sd_notify("STOPPING=1")
         log.info("forwarder.stopping", drain_timeout=self.cfg.drain_timeout,
-                 active=sum(lst.conns.active for lst in self.listeners.values()))
+                 active=sum(lst.active for lst in self.listeners.values()))
         if self._watchdog is not None:
             self._watchdog.cancel()
-        hub = self.hub.stop(self.cfg.drain_timeout) if self.hub is not None else None
-        cut = await asyncio.gather(*(lst.stop(self.cfg.drain_timeout)
-                                     for lst in self.listeners.values()))
-        if hub is not None:
-            await hub
+        stops = [lst.stop(self.cfg.drain_timeout) for lst in self.listeners.values()]
+        if self.hub is not None:  # the workers drain at the same time
+            stops.append(self.hub.stop(self.cfg.drain_timeout))
+        cut = await asyncio.gather(*stops)
         if self._admin_stop is not None:
             await self._admin_stop()
         log.info("forwarder.stopped", cut=sum(cut))

@@ -117,7 +117,10 @@ class Forwarder:
             cmd = [*forwarder_cmd(), "run", "--config", str(self.config_path)]
         else:
             cmd = forwarder_cmd()
-        self.cmd = [*(prefix or []), *cmd, *(args or []), "--log-format", "json",
+        # FWTEST_WORKERS=N runs every forwarder of the suite with N worker processes
+        workers = (["--workers", os.environ["FWTEST_WORKERS"]]
+                   if os.environ.get("FWTEST_WORKERS") else [])
+        self.cmd = [*(prefix or []), *cmd, *(args or []), *workers, "--log-format", "json",
                     "--log-level", "debug"]
         self.env = {**os.environ, **(env or {})}
         self.log_path = self.dir / "log.jsonl"

@@ -7,11 +7,13 @@ the config says.  (The client side inherits both options from the listening sock
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -21,9 +23,30 @@ _SYS_PIDFD_GETFD = 438  # x86_64 and aarch64 (asm-generic) alike
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the forwarder's worker processes, when it has any)."""
+    out = [pid]
+    for p in out:
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        out += [int(k) for k in kids]
+    return out
+
+
 @contextmanager
-def foreign_sockets(pid: int) -> Iterator[list[socket.socket]]:
-    """Duplicates of every TCP socket `pid` holds."""
+def foreign_sockets(root: int) -> Iterator[list[socket.socket]]:
+    """Duplicates of every TCP socket `root` and its descendants hold."""
+    with contextlib.ExitStack() as stack:
+        socks: list[socket.socket] = []
+        for pid in tree(root):
+            socks += stack.enter_context(_sockets_of(pid))
+        yield socks
+
+
+@contextmanager
+def _sockets_of(pid: int) -> Iterator[list[socket.socket]]:
     pidfd = os.pidfd_open(pid)
     socks: list[socket.socket] = []
     try:

@@ -118,6 +118,11 @@ class Channel:
                 return
             self.handler(*decode(data, ancdata))
 
+    def read_pending(self) -> None:
+        """Handle what has arrived and not been read yet (before closing on news from
+        elsewhere that the peer is gone: its last messages still count)."""
+        self._readable()
+
     def _gone(self) -> None:
         if self.is_closed:
             return

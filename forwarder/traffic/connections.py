@@ -61,6 +61,7 @@ class Connections:
         self._idle.set()
         self._sampler = Sampler(per_second=20)
         self._sweeper: asyncio.Task[None] | None = None
+        self.cuts = 0  # splices reset by cut() (a second SIGTERM, the drain timeout)
         self.configure(cfg, hostname)
 
     def configure(self, cfg: ListenerConfig, hostname: str) -> None:
@@ -103,6 +104,7 @@ class Connections:
 
     def cut(self) -> None:
         """Reset every connection now (a second SIGTERM: the operator will not wait)."""
+        self.cuts += len(self.splices)
         for sp in list(self.splices):
             sp.abort("error")
         for h in list(self.pending):
@@ -114,16 +116,15 @@ class Connections:
 
     async def stop(self, timeout: float) -> int:
         """Let connections finish for up to `timeout`, then reset the rest.  Returns how
-        many splices were cut."""
+        many splices were cut, here or by an earlier cut()."""
         await supervise.cancel(self._sweeper)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
-        cut = len(self.splices)
         self.cut()
         await asyncio.gather(*self.refusing, return_exceptions=True)
         self.deadlines.close()
-        return cut
+        return self.cuts
 
     def turn_away(self, conn: socket.socket, addr: Address, refusal: str) -> None:
         """Refused by access rules: no task and no lingering (this path must stay cheap

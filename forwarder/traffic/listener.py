@@ -161,6 +161,12 @@ class Listener:
         if not self.access.trivial:
             self.access.release(host)
 
+    @property
+    def active(self) -> int:
+        """Connections being relayed, here and in the worker processes."""
+        remote = self.workers.counts(self.cfg.name)[0] if self.workers is not None else 0
+        return self.conns.active + remote
+
     def status(self) -> dict[str, Any]:
         remote = self.workers.counts(self.cfg.name) if self.workers is not None else (0, 0)
         return {

@@ -56,6 +56,7 @@ class Link:
         self.exited = asyncio.Event()
         self.counts: dict[str, tuple[int, int]] = {}
         self.stopped = False
+        self.cut = 0  # connections it reset when it stopped
         self.restarts = 0
 
 
@@ -106,12 +107,13 @@ class Hub:
             log.error("workers.fork_server_gone", detail="no worker can be replaced now")
 
     def _exited(self, link: Link, pid: int, code: int) -> None:
+        if link.chan is not None:
+            link.chan.read_pending()  # its last counters and its "stopped"
+            link.chan.close()
+            link.chan = None
         link.exited.set()
         self.merger.forget(link.index)
         link.counts = {}
-        if link.chan is not None:
-            link.chan.close()
-            link.chan = None
         if self.stopping or link.stopped:
             return
         metrics.internal_errors.labels("worker").inc()
@@ -143,6 +145,8 @@ class Hub:
                 b.passive_failure(reason, detail)
         elif kind == "stopped":
             link.stopped = True
+            link.cut = int(payload)
+            log.debug("workers.stopped", worker=link.index, cut=link.cut)
 
     def _introduce(self, link: Link) -> None:
         """Everything a new worker needs, in order."""
@@ -229,8 +233,9 @@ class Hub:
     def cut(self) -> None:
         self._broadcast("cut")
 
-    async def stop(self, timeout: float) -> None:
-        """Workers finish their connections for up to `timeout`, then exit."""
+    async def stop(self, timeout: float) -> int:
+        """Workers finish their connections for up to `timeout`, then exit; returns how
+        many connections they had to cut."""
         self.stopping = True
         await supervise.cancel(self._sync)
         self._broadcast("stop", timeout)
@@ -242,3 +247,4 @@ class Hub:
             log.error("workers.stop_timeout", detail="killing what is left")
         self.zchan.close()
         self.zygote.stop()
+        return sum(link.cut for link in self.links)

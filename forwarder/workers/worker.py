@@ -26,6 +26,7 @@ from ..net import ipc
 from ..ops import logs, metrics, supervise
 from ..ops.metrics import ListenerMetrics
 from ..traffic.acceptor import Acceptor, Address
+from ..traffic.access import Access
 from ..traffic.connections import Connections
 from ..traffic.poller import Poller
 from .zygote import die_with_parent
@@ -33,6 +34,10 @@ from .zygote import die_with_parent
 log = structlog.get_logger("forwarder.worker")
 
 SNAPSHOT_EVERY = 0.25
+
+
+def _no_hold(reason: str, seconds: float) -> None:
+    """cps (which would hold the gate) never runs in a worker: see config/checks.py."""
 
 
 class Replica:
@@ -61,7 +66,10 @@ class WorkerListener:
                  socks: list[socket.socket]) -> None:
         self.name = cfg.name
         self.socks = socks
-        self.conns = Connections(cfg, hostname, ListenerMetrics(cfg.name))
+        # only_from / no_access, which need no counting across processes (limits that do
+        # need one process: config/checks.py keeps them from running with workers)
+        self.access = Access(cfg.access, asyncio.get_running_loop().time, _no_hold)
+        self.conns = Connections(cfg, hostname, ListenerMetrics(cfg.name), self._release)
         self.replicas: dict[str, Replica] = {}
         self.candidates: list[Replica] = []
         self.acceptor = Acceptor(cfg.name, socks, self._accepted,
@@ -70,8 +78,22 @@ class WorkerListener:
         self.worker = worker
         self.conns.start()
 
+    def configure(self, cfg: ListenerConfig, hostname: str) -> None:
+        self.conns.configure(cfg, hostname)
+        if cfg.access != self.access.cfg:
+            self.access = Access(cfg.access, asyncio.get_running_loop().time, _no_hold)
+
     def _accepted(self, conn: socket.socket, addr: Address) -> None:
+        if not self.access.trivial:
+            refusal = self.access.admit(addr[0])
+            if refusal is not None:
+                self.conns.turn_away(conn, addr, refusal)
+                return
         self.conns.accept(conn, addr, self.candidates)
+
+    def _release(self, host: str) -> None:
+        if not self.access.trivial:
+            self.access.release(host)
 
     def _not_listening(self) -> None:
         """The master shut the socket down before its "accept off" reached us."""
@@ -149,7 +171,7 @@ class Worker:
             self.listeners[cfg.name] = WorkerListener(self, cfg, hostname, socks)
         elif kind == "config":
             cfg, hostname = payload
-            self.listeners[cfg.name].conns.configure(cfg, hostname)
+            self.listeners[cfg.name].configure(cfg, hostname)
         elif kind == "backends":
             name, table = payload
             self.listeners[name].backends(table)

@@ -70,6 +70,11 @@ class Zygote:
 
 def _serve(sock: socket.socket, worker_main: Callable[[int, int], int]) -> int:
     die_with_parent()
+    # nothing the master holds stays open here (a listening or admin socket kept by this
+    # process would keep its port bound and queueing): workers get their sockets by message
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # the master decides when we stop
     children: dict[int, int] = {}  # pid -> worker index
