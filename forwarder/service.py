@@ -26,7 +26,7 @@ from . import __version__
 from .config.checks import is_own_address, limited
 from .config.model import Config, ConfigError, Endpoint, ListenerConfig, SockAddr
 from .net.sockets import local_addresses
-from .ops import admin, logs, supervise, system
+from .ops import admin, history, logs, supervise, system
 from .traffic.listener import Listener
 from .workers.hub import Hub
 from .workers.zygote import Zygote
@@ -142,6 +142,7 @@ class Service:
             loop.add_signal_handler(sig, self._events.put_nowait, ev)
         if self.admin_sock is not None:
             self._admin_stop = await admin.start(self.admin_sock, self)
+        history.record("forwarder.started", listeners=sorted(self.listeners))
         log.info("forwarder.started", version=__version__,
                  listeners=[f"{lc.name}={','.join(map(str, lc.endpoints))}"
                             for lc in self.cfg.listeners],
@@ -187,6 +188,7 @@ class Service:
             new = await asyncio.get_running_loop().run_in_executor(None, self.reloader)
         except ConfigError as e:
             log.error("reload.failed", error=str(e), detail="keeping the running config")
+            history.record("reload.failed", reason=str(e))
             system.sd_notify("READY=1")
             return
         if self.hub is not None and limited(new):
@@ -246,6 +248,7 @@ class Service:
                            workers=self.cfg.workers,
                            listeners=tuple(lst.cfg for lst in self.listeners.values()))
         log.info("reload.done", listeners=sorted(self.listeners))
+        history.record("reload.done", listeners=sorted(self.listeners))
         system.sd_notify("READY=1")
 
     async def _reload_admin(self, ep: Endpoint | None) -> Endpoint | None:
@@ -341,12 +344,18 @@ class Service:
         state file, so a restart during maintenance does not reopen the port."""
         done = self._each(name, lambda lst: lst.gate.drain())
         self.state.set_drained(self.state.drained | set(done))
+        history.record("drain", listeners=done, reason="operator")
         return done
 
     def resume(self, name: str | None = None) -> list[str]:
         done = self._each(name, lambda lst: lst.gate.resume())
         self.state.set_drained(self.state.drained - set(done))
+        history.record("resume", listeners=done, reason="operator")
         return done
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """For /events: the recent history (ops/history.py)."""
+        return history.recent(since=since)
 
     def _each(self, name: str | None, fn: Callable[[Listener], None]) -> list[str]:
         done = [lst for lst in self.listeners.values() if name in (None, lst.cfg.name)]

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from ..config.model import BackendConfig, CheckConfig, Endpoint, ProbeConfig, SockAddr
-from ..ops import supervise
+from ..ops import history, supervise
 from ..ops.metrics import BackendMetrics
 from .greeting import GreetingDeadline
 from .probe import ProbeResult, run_check
@@ -125,6 +125,9 @@ class Backend:
     def passive_failure(self, reason: str, detail: str = "") -> None:
         """Real traffic failed on this backend: count it and re-probe now."""
         self.metrics.passive[reason].inc()
+        if self.health.up and self.health.fails == 0:  # the first of a run is news
+            history.record("backend.passive_failure", backend=self.name, step=reason,
+                           reason=detail)
         log.warning("backend.passive_failure", backend=self.name, reason=reason, detail=detail)
         self._record(False)
         self._wake.set()
@@ -142,6 +145,8 @@ class Backend:
             last = self.history[-1].detail if self.history else ""
             log.info("backend.state", backend=self.name, state="up" if up else "down",
                      last=last)
+            history.record("backend.up" if up else "backend.down", backend=self.name,
+                           reason=last)
             self._on_change(self)
 
     async def _round(self) -> ProbeResult:
@@ -164,6 +169,9 @@ class Backend:
                 self.greeting.observe(res.greeting)
                 self.metrics.greeting.set(self.greeting.seconds)
             if not res.ok:
+                if self.health.fails == 0:
+                    history.record("probe.failed", backend=self.name, result=res.result,
+                                   reason=res.detail)
                 # the first failure of a run is news; the rest of the run is debug noise
                 (log.warning if self.health.fails == 0 else log.debug)(
                     "probe.failed", backend=self.name, kind=p.kind, result=res.result,
@@ -175,6 +183,8 @@ class Backend:
                 self.draining = drain
                 log.info("backend.drain" if drain else "backend.undrain", backend=self.name,
                          detail=res.detail)
+                history.record("backend.drain" if drain else "backend.undrain",
+                               backend=self.name, reason=res.detail)
             self._record(res.ok)
             if changed or (first and not res.ok):
                 self._on_change(self)  # a verdict without an up/down transition

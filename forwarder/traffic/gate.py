@@ -39,7 +39,7 @@ from typing import Any
 import structlog
 
 from ..net.sockets import relisten, unlisten
-from ..ops import supervise
+from ..ops import history, supervise
 from ..ops.metrics import ListenerMetrics, gate_open_failures
 from ..ops.system import port_holder
 from .acceptor import AcceptHandler, Acceptor
@@ -240,6 +240,9 @@ class Gate:
         gate_open_failures.labels(self.name, name).inc()
         if self.reason != "open_failed":
             self.reason = "open_failed"
+        if self.open_failures == 1:
+            history.record("gate.open_failed", listener=self.name, reason=e.strerror,
+                           address=where, holder=holder)
         (log.error if self.open_failures == 1 or self.open_failures % 20 == 0 else log.debug)(
             "gate.open_failed", listener=self.name, address=where, errno=name,
             error=e.strerror, holder=holder or "not visible to this process",
@@ -292,8 +295,9 @@ class Gate:
         self.reason = reason
         self.transitions += 1
         self.metrics.transition(state, reason)
-        log.info("gate." + state, listener=self.name, reason=reason,
-                 **{k: v for k, v in extra.items() if v is not None})
+        fields = {k: v for k, v in extra.items() if v is not None}
+        log.info("gate." + state, listener=self.name, reason=reason, **fields)
+        history.record("gate." + state, listener=self.name, reason=reason, **fields)
 
     def release(self) -> None:
         """At exit (or when a reload removes the listener): stop accepting and let go of
