@@ -19,36 +19,41 @@ from dataclasses import replace
 
 from ..net.sockets import local_addresses
 from .checks import check_error, is_own_address
-from .model import Config, ConfigError, Network
+from .model import Config, ConfigError, Network, printable
 
 MAX_FILE_SIZE = 1 << 20
 
 
-def read_file(path: str, *, file: str | None = None, line: int | None = None) -> bytes:
-    """A regular file's bytes, at most MAX_FILE_SIZE; anything else is a ConfigError
-    naming `file` (default: `path`) and `line` (an include directive's)."""
-    where = file or path
+def read_file(path: str, *, at: tuple[str, int] | None = None) -> bytes:
+    """A regular file's bytes, at most MAX_FILE_SIZE (a FIFO or /dev/zero must be an
+    error, not a hang).  A problem is reported against the file itself, or, when it was
+    named by an include line (`at`: file and line), against that line, naming the path."""
+    file, line = at if at else (path, None)
+    what = f"{printable(path)}: " if at else ""  # else the file is already the error's file
+
+    def error(message: str) -> ConfigError:
+        return ConfigError(what + message, file=file, line=line)
+
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}" if file else
-                          f"cannot read: {e.strerror}", file=where, line=line) from None
+        raise error(f"cannot read: {e.strerror}") from None
+    except ValueError:  # a NUL in a path (from an include line): no such file can exist
+        raise error("cannot read: a path cannot hold a NUL character") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path + ': ' if file else ''}not a regular file", file=where,
-                              line=line)
+            raise error("not a regular file")
         if st.st_size > MAX_FILE_SIZE:
-            raise ConfigError(f"{path + ': ' if file else ''}larger than {MAX_FILE_SIZE} "
-                              "bytes", file=where, line=line)
+            raise error(f"larger than {MAX_FILE_SIZE} bytes")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_FILE_SIZE + 1)
     except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", file=where, line=line) from None
+        raise error(f"cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
-    if len(data) > MAX_FILE_SIZE:  # grew while we read it
-        raise ConfigError(f"larger than {MAX_FILE_SIZE} bytes", file=where, line=line)
+    if len(data) > MAX_FILE_SIZE:  # grew since the fstat
+        raise error(f"larger than {MAX_FILE_SIZE} bytes")
     return data
 
 

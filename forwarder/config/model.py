@@ -24,6 +24,13 @@ SockAddr = tuple[socket.AddressFamily, tuple[Any, ...]]
 DERIVED = {"derived": True}
 
 
+def printable(text: str) -> str:
+    """`text` for a message: non-printable characters escaped as repr() does (\\x1b, \\x00,
+    \\u2028), so file content or a file name can never move the cursor or ring the
+    terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ConfigError(Exception):
     """A bad configuration, with enough context to find and fix it."""
 
@@ -36,7 +43,7 @@ class ConfigError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        where = self.file or "<config>"
+        where = printable(self.file or "<config>")
         if self.line is not None:
             where += f":{self.line}"
         if self.key:

@@ -32,7 +32,6 @@ import ipaddress
 import os
 import re
 import socket
-import stat
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import structlog
 
 from .checks import validate
+from .load import MAX_FILE_SIZE, read_file
 from .model import (
     AccessConfig,
     BackendConfig,
@@ -56,12 +56,12 @@ from .model import (
     check_network,
     check_port,
     default_probe_kind,
+    printable,
 )
 
-__all__ = ["load", "parse_text"]
+__all__ = ["MAX_FILE_SIZE", "load", "parse_text"]
 
 MAX_INCLUDE_DEPTH = 16
-MAX_FILE_SIZE = 1 << 20
 
 # list-valued attributes: `+=` and `-=` allowed, and repeated `=` lines accumulate
 LIST_ATTRS = frozenset({
@@ -143,36 +143,11 @@ class _Block:
         return next((o for o in self.ops if o.name == name), None)
 
 
-def _esc(text: str) -> str:
-    """`text` for a message: non-printable characters escaped as repr() does (\\x1b, \\x00,
-    \\u2028), so file content can never move the cursor or ring the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+_esc = printable
 
 
 def _read(path: str, *, at: tuple[str, int] | None = None) -> str:
-    """The file's text.  A problem with it is reported against the file itself, or, when it
-    was named by an include line (`at`), against that line, naming the included path."""
-    file, line = at if at else (path, None)
-    what = f"{_esc(path)}: " if at else ""  # the file is already the error's file
-
-    def error(message: str) -> ConfigError:
-        return ConfigError(what + message, file=file, line=line)
-
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise error("not a regular file")
-        if st.st_size > MAX_FILE_SIZE:
-            raise error(f"larger than {MAX_FILE_SIZE} bytes")
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_SIZE + 1)
-    except OSError as e:
-        raise error(f"cannot read: {e.strerror}") from None
-    except ValueError:  # a NUL in a path from an include line: no such file can exist
-        raise error("cannot read: a path cannot hold a NUL character") from None
-    if len(data) > MAX_FILE_SIZE:  # grew since the stat
-        raise error(f"larger than {MAX_FILE_SIZE} bytes")
-    return data.decode("utf-8", errors="replace")
+    return read_file(path, at=at).decode("utf-8", errors="replace")
 
 
 def _dir_files(path: str, *, at: tuple[str, int] | None = None) -> list[str]:

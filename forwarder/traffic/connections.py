@@ -26,6 +26,7 @@ from ..ops import supervise
 from ..ops.logs import Sampler
 from ..ops.metrics import ListenerMetrics
 from ..ops.system import tune
+from .access import Access
 from .deadlines import Deadlines
 from .handoff import Address, Candidate, Handoff, Plan, dial
 from .poller import Poller
@@ -88,6 +89,16 @@ class Connections:
     def live_hosts(self) -> list[str]:
         """The client address of every admitted connection (a reload's new Access)."""
         return [sp.tag[0][0] for sp in self.splices] + [h.addr[0] for h in self.pending]
+
+    def admit(self, access: Access, conn: socket.socket, addr: Address,
+              candidates: Sequence[Candidate]) -> None:
+        """An accepted connection: the access rules first, then the hand-off."""
+        if not access.trivial:
+            refusal = access.admit(addr[0])
+            if refusal is not None:
+                self.turn_away(conn, addr, refusal)
+                return
+        self.accept(conn, addr, candidates)
 
     def accept(self, conn: socket.socket, addr: Address,
                candidates: Sequence[Candidate]) -> None:

@@ -150,12 +150,7 @@ class Listener:
     # --- admission ------------------------------------------------------------------------
 
     def _on_accept(self, conn: socket.socket, addr: Address) -> None:
-        if not self.access.trivial:
-            refusal = self.access.admit(addr[0])
-            if refusal is not None:
-                self.conns.turn_away(conn, addr, refusal)
-                return
-        self.conns.accept(conn, addr, self.pool.candidates())
+        self.conns.admit(self.access, conn, addr, self.pool.candidates())
 
     def _release(self, host: str) -> None:
         if not self.access.trivial:

@@ -84,12 +84,7 @@ class WorkerListener:
             self.access = Access(cfg.access, asyncio.get_running_loop().time, _no_hold)
 
     def _accepted(self, conn: socket.socket, addr: Address) -> None:
-        if not self.access.trivial:
-            refusal = self.access.admit(addr[0])
-            if refusal is not None:
-                self.conns.turn_away(conn, addr, refusal)
-                return
-        self.conns.accept(conn, addr, self.candidates)
+        self.conns.admit(self.access, conn, addr, self.candidates)
 
     def _release(self, host: str) -> None:
         if not self.access.trivial:
