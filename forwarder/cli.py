@@ -204,6 +204,11 @@ def _status(p: argparse.ArgumentParser, args: list[str]) -> int:
     p.add_argument("--config", "-c", metavar="FILE", help="find the admin address here")
     p.add_argument("--xinetd", metavar="FILE", help="find the admin address here")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--events", action="store_true",
+                   help="print the recent events (gate and backend changes, drains, "
+                        "reloads: when, what and why) instead of the status")
+    p.add_argument("--since", metavar="SEQ", type=int, default=0,
+                   help="with --events: only events after this seq")
     ns = p.parse_args(args)
     admin = ns.admin
     if admin is None and (ns.config or ns.xinetd):
@@ -214,13 +219,22 @@ def _status(p: argparse.ArgumentParser, args: list[str]) -> int:
                               file=ns.config or ns.xinetd, key="admin")
         admin = str(cfg.admin)
     admin = admin or DEFAULT_ADMIN
+    path = f"/events?since={max(0, ns.since)}" if ns.events else "/status"
     try:
-        with urllib.request.urlopen(f"http://{admin}/status", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{admin}{path}", timeout=5) as r:
             data = json.load(r)
-    except OSError as e:
-        print(f"forwarder status: cannot reach http://{admin}/status: {e}", file=sys.stderr)
+    except urllib.request.HTTPError as e:
+        hint = " (a forwarder older than `status --events`)" if e.code == 404 else ""
+        print(f"forwarder status: http://{admin}{path}: {e.code} {e.reason}{hint}",
+              file=sys.stderr)
         return EXIT_ERROR
-    print(json.dumps(data, indent=2) if ns.json else _format_status(data))
+    except OSError as e:
+        print(f"forwarder status: cannot reach http://{admin}{path}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if ns.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(_format_events(data) if ns.events else _format_status(data))
     return EXIT_OK
 
 
@@ -242,6 +256,34 @@ def _format_status(data: dict[str, Any]) -> str:
                          f"{'local' if b['local'] else b['source']:<7} "
                          f"last: {last['result'] + ' ' + last['detail'] if last else '-'}")
     return "\n".join(lines)
+
+
+_EVENT_SUBJECT = ("listener", "backend", "listeners")
+_EVENT_SHOWN = {"seq", "time", "kind", "reason", *_EVENT_SUBJECT}
+
+
+def _format_events(events: list[dict[str, Any]]) -> str:
+    """One line an event, oldest first: local time, seq, kind, listener or backend, reason
+    and any other field as k=v."""
+    import time
+
+    lines = []
+    for ev in events:
+        subject = ""
+        for k in _EVENT_SUBJECT:
+            if v := ev.get(k):
+                subject = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+                break
+        t = ev.get("time")
+        when = "?"
+        if isinstance(t, int | float):
+            ms = int(t * 1000) % 1000
+            when = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))}.{ms:03d}"
+        rest = " ".join(f"{k}={v}" for k, v in ev.items()
+                        if k not in _EVENT_SHOWN and v is not None)
+        lines.append(f"{when}  #{ev.get('seq', '?'):<5} {ev.get('kind', '?'):<24} "
+                     f"{subject:<24} {ev.get('reason') or '-'}{'  ' + rest if rest else ''}")
+    return "\n".join(lines) if lines else "no events"
 
 
 def _run(cfg: Config, reloader: Callable[[], Config] | None, activated: list[Any]) -> int:

@@ -321,6 +321,12 @@ def test_every_endpoint_works_after_the_privilege_drop() -> None:
                 (b"GET /healthz HTTP/1.0\r\n", 200),
                 (b"GET /readyz HTTP/1.1\r\n" + host, 200),
                 (b"GET /status HTTP/1.1\r\n" + host, 200),
+                (b"GET / HTTP/1.1\r\n" + host, 200),
+                (b"HEAD / HTTP/1.1\r\n" + host, 200),
+                (b"GET /events?since=1 HTTP/1.1\r\n" + host, 200),
+                (b"GET /events?since=x HTTP/1.1\r\n" + host, 400),
+                (b"POST /drain?listener=smtp HTTP/1.1\r\n" + host + b"Accept: text/html\r\n"
+                 b"Origin: http://t\r\n", 403),
                 (b"POST /drain?listener=smtp HTTP/1.1\r\n" + host, 200),
                 (b"GET /readyz HTTP/1.1\r\n" + host, 503),
                 (b"POST /resume?listener=smtp HTTP/1.1\r\nContent-Length: 2\r\n" + host

@@ -46,6 +46,7 @@ class Controls:
         self.fail = False
         self.calls: list[tuple[str, str | None]] = []
         self.threads: set[int] = set()
+        self.history: list[dict[str, Any]] = []
 
     def _note(self, what: str, arg: str | None = None) -> None:
         self.calls.append((what, arg))
@@ -68,6 +69,10 @@ class Controls:
     def resume(self, name: str | None) -> list[str]:
         self._note("resume", name)
         return [n for n in self.names if name in (None, n)]
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        self._note("events", str(since))
+        return [e for e in self.history if e["seq"] > since]
 
 
 class Loop:
@@ -109,7 +114,7 @@ def admin_threads() -> list[threading.Thread]:
 
 @contextlib.contextmanager
 def serving(limits: admin.Limits = admin.LIMITS, controls: Controls | None = None,
-            bind: str = HOST) -> Iterator[Served]:
+            bind: str = HOST, dashboard_url: str | None = None) -> Iterator[Served]:
     controls = controls or Controls()
     fw = Loop()
     fam = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -118,7 +123,7 @@ def serving(limits: admin.Limits = admin.LIMITS, controls: Controls | None = Non
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind((bind, 0))  # bound, not listening: as the service hands it over
     try:
-        stop = fw.run(admin.start(sock, controls, limits))
+        stop = fw.run(admin.start(sock, controls, limits, dashboard_url=dashboard_url))
         try:
             yield Served(sock.getsockname()[1], controls, fw)
         finally:
@@ -207,7 +212,7 @@ def test_endpoints_answer_and_controls_run_on_the_forwarders_loop() -> None:
 
 def test_head_sends_the_headers_and_no_body() -> None:
     with serving() as srv:
-        for path in ("/metrics", "/healthz", "/readyz", "/status"):
+        for path in ("/metrics", "/healthz", "/readyz", "/status", "/", "/events"):
             get = exchange(srv, f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
             head = exchange(srv, f"HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
             get_body = get.split(b"\r\n\r\n", 1)[1]
@@ -226,7 +231,8 @@ def test_an_unknown_path_is_404_whatever_the_method_and_405_is_for_known_paths()
             assert request(srv, method, "/drain/more")[0] == 404, method
         for method, path in (("GET", "/drain"), ("GET", "/resume"), ("PUT", "/drain"),
                              ("POST", "/metrics"), ("POST", "/healthz"),
-                             ("DELETE", "/status"), ("POST", "/readyz")):
+                             ("DELETE", "/status"), ("POST", "/readyz"), ("POST", "/"),
+                             ("POST", "/events")):
             code, headers, _ = request(srv, method, path)
             assert code == 405, (method, path)
             assert headers["Allow"] in ("GET,HEAD", "POST"), headers
@@ -622,3 +628,218 @@ def test_stop_closes_the_listener_and_connections_and_ends_the_thread() -> None:
         fw.close()
         for sock in socks:
             sock.close()
+
+
+# --- /events, the status page, the browser's buttons ---------------------------------------
+
+
+def _event(seq: int, kind: str, at: float, **fields: Any) -> dict[str, Any]:
+    return {"seq": seq, "time": at, "kind": kind, **fields}
+
+
+def test_events_are_the_controls_history_newer_than_since() -> None:
+    with serving() as srv:
+        t = time.time()
+        srv.controls.history = [_event(1, "backend.down", t, backend="b:25", reason="refused"),
+                                _event(2, "gate.closed", t, listener="smtp", reason="probe"),
+                                _event(3, "gate.open", t, listener="smtp", reason="probe")]
+        code, headers, body = request(srv, "GET", "/events")
+        assert code == 200 and headers["Content-Type"] == "application/json"
+        assert json.loads(body) == srv.controls.history
+        assert [e["seq"] for e in json.loads(request(srv, "GET", "/events?since=1")[2])] == [2, 3]
+        assert json.loads(request(srv, "GET", "/events?since=3")[2]) == []
+        for bad in ("x", "-1", "1.5", ""):
+            code, _, body = request(srv, "GET", f"/events?since={bad}")
+            assert code == 400 and b"since" in body, bad
+        assert [c for c in srv.controls.calls if c[0] == "events"] == [
+            ("events", "0"), ("events", "1"), ("events", "3")]
+        assert srv.controls.threads == {srv.fw.thread.ident}  # on the forwarder's loop
+
+
+def _listener(detail: str = "220 mx ESMTP", name: str = "smtp") -> dict[str, Any]:
+    """A listener as Service.status() reports it (the shape of a live /status)."""
+    now = time.time()
+    probe = {"ok": False, "result": "failure", "detail": detail, "duration": 0.0012, "at": now}
+    up = {"ok": True, "result": "success", "detail": "220, QUIT 221", "duration": 0.0031,
+          "at": now, "greeting": 0.002}
+
+    def backend(bname: str, hist: list[dict[str, Any]], is_up: bool) -> dict[str, Any]:
+        return {"name": bname, "up": is_up, "draining": False, "local": is_up, "priority": 0,
+                "source": "static", "probe": {"kind": "smtp", "interval": 2.0},
+                "greeting_deadline": {"seconds": 1.0, "mode": "auto", "samples": 3},
+                "history": hist, "checks": [{"name": "smtp", "kind": "smtp", "history": hist}]}
+
+    return {"name": name, "addresses": ["127.0.0.1:25"], "mode": "smtp",
+            "gate": {"state": "open", "reason": "probe", "drained": False, "holds": [],
+                     "open_error": None, "policy": "any"},
+            "greeting_timeout": "auto", "greeting_timeout_max": 10.0,
+            "connections_active": 7, "connections_pending": 0,
+            "backends": [backend("127.0.0.1:2525", [up] * 5, True),
+                         backend("mx2.example:25", [probe] * 3, False)]}
+
+
+def _script_hash(page: str) -> str:
+    import base64
+    import hashlib
+    import re
+
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+    assert len(scripts) == 1, scripts
+    return base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+
+
+def test_the_page_escapes_what_backends_say_and_runs_only_its_own_script() -> None:
+    """A backend's greeting is the network's: markup in it (or in an event's reason) is
+    shown as text.  The page fetches nothing, and its CSP allows its one script by hash
+    (a hash that did not match would silently stop the refresh)."""
+    evil = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+    c = Controls()
+    c.extra = {"version": "1.2.3", "pid": 42, "listeners": [_listener(evil, name="smtp")]}
+    c.history = [_event(1, "backend.down", time.time(), backend="mx2.example:25", reason=evil),
+                 _event(2, "gate.open", time.time(), listener="smtp", reason="probe")]
+    with serving(controls=c) as srv:
+        code, headers, body = request(srv, "GET", "/")
+    page = body.decode()
+    assert code == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert evil not in page and "<img" not in page and "onerror=alert(2)>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&gt;&lt;img" in page
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and f"script-src 'sha256-{_script_hash(page)}'" in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    # self-contained: no src= at all, no link off the admin port
+    assert " src=" not in page.replace("&quot;&gt;&lt;img src=x", "")
+    assert "http://" not in page and "https://" not in page and "//" not in page.replace(
+        "http://www.w3.org/2000/svg", "")
+    # what it shows: the gate and since when (from the history), each backend's state,
+    # its checks' last result with latency, and the last probes as marks
+    assert 'data-listener="smtp" data-gate="open"' in page
+    assert 'data-backend="127.0.0.1:2525" data-state="up"' in page
+    assert 'data-backend="mx2.example:25" data-state="down"' in page
+    assert page.count('<rect class="ok"') == 5 and page.count('<rect class="fail"') == 3
+    assert "3.1 ms" in page and "1.2 ms" in page and "live connections <b>7</b>" in page
+    assert 'action="drain?listener=smtp"' in page and 'method="post"' in page
+    assert "1.2.3" in page and "Grafana" not in page
+    assert len(body) < 30_000
+
+
+def test_the_page_links_the_dashboard_when_configured() -> None:
+    url = "https://grafana.example/d/forwarder?var-instance=mx1&x=<y>"
+    with serving(dashboard_url=url) as srv:
+        page = request(srv, "GET", "/")[2].decode()
+    assert ('<a href="https://grafana.example/d/forwarder?var-instance=mx1&amp;x=&lt;y&gt;"'
+            in page)
+    with serving(dashboard_url="javascript:alert(1)") as srv:
+        page = request(srv, "GET", "/")[2].decode()
+    assert "javascript:" not in page and "Grafana" not in page
+
+
+def test_the_page_refresh_can_be_stopped_and_a_bad_value_is_400() -> None:
+    with serving() as srv:
+        assert 'data-refresh="5"' in request(srv, "GET", "/")[2].decode()
+        assert 'data-refresh="0"' in request(srv, "GET", "/?refresh=0")[2].decode()
+        assert 'data-refresh="2"' in request(srv, "GET", "/?refresh=1")[2].decode()
+        assert request(srv, "GET", "/?refresh=soon")[0] == 400
+
+
+def test_the_gate_says_since_when_and_why_from_the_history() -> None:
+    t0 = time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))
+    closed = _listener()
+    closed["gate"].update(state="closed", reason="open_failed", drained=True,
+                          open_error={"errno": "EADDRINUSE", "error": "Address in use",
+                                      "address": "0.0.0.0:25", "holder": "pid 99 (exim4)",
+                                      "failures": 3, "retry_in": 0.8})
+    c = Controls()
+    c.extra = {"listeners": [closed]}
+    c.history = [_event(1, "gate.open", t0 - 60, listener="smtp", reason="probe"),
+                 _event(2, "gate.open_failed", t0, listener="smtp", reason="Address in use"),
+                 _event(3, "drain", t0 + 1, listeners=["smtp"], reason="operator")]
+    with serving(controls=c) as srv:
+        page = request(srv, "GET", "/")[2].decode()
+    assert "CLOSED</span> since 2026-01-02 03:04:05" in page
+    assert "reason <b>open_failed</b> (Address in use)" in page
+    assert "drained by the operator at 2026-01-02 03:04:06" in page
+    assert "listen() on 0.0.0.0:25 failed: Address in use (held by pid 99 (exim4)); 3" in page
+    assert 'action="resume?listener=smtp"' in page  # drained: the button gives it back
+
+    # the history has moved on (full of other news): since before its oldest event
+    from forwarder.ops import history
+
+    c.history = [_event(i, "probe.failed", t0 + i, backend="b:25", reason="refused")
+                 for i in range(1, history.SIZE + 1)]
+    with serving(controls=c) as srv:
+        page = request(srv, "GET", "/")[2].decode()
+    assert "CLOSED</span> since before 2026-01-02 03:04:06" in page
+    c.history = c.history[-10:]
+    with serving(controls=c) as srv:
+        assert "CLOSED</span> since unknown" in request(srv, "GET", "/")[2].decode()
+
+
+def test_the_last_minute_comes_from_snapshots_of_the_counters() -> None:
+    from forwarder.ops.page import Outcomes
+
+    now = [1000.0]
+    counts: dict[tuple[str, ...], float] = {("smtp", "spliced"): 10.0}
+    o = Outcomes(read=lambda: dict(counts), clock=lambda: now[0])
+    assert o.table() == (counts, {("smtp", "spliced"): 0.0}, 0.0)
+    for _ in range(30):  # 150 s of samples, 5 s apart, 2 connections each
+        now[0] += 5
+        counts[("smtp", "spliced")] += 2
+        o.sample()
+    totals, last, span = o.table()
+    assert totals == {("smtp", "spliced"): 70.0}
+    assert last == {("smtp", "spliced"): 24.0} and span == 60.0
+    assert len(o.ring) <= 14  # a minute of snapshots, not the whole run
+    for _ in range(100):  # renders in a burst do not each add one
+        o.table()
+    assert len(o.ring) <= 14
+
+
+def _post(srv: Served, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    return request(srv, "POST", path, headers={"Content-Length": "0", **headers})
+
+
+def test_a_browsers_form_post_is_redirected_to_the_page_and_the_api_keeps_its_json() -> None:
+    with serving() as srv:
+        origin = f"http://{HOST}:{srv.port}"
+        form = {"Content-Type": "application/x-www-form-urlencoded", "Origin": origin,
+                "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "navigate",
+                "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+        code, headers, body = _post(srv, "/drain?listener=smtp", form)
+        assert code == 303 and headers["Location"] == "./"
+        assert json.loads(body) == {"drain": ["smtp"]}
+        # Accept alone decides too; a form content type alone (curl -d '') does not
+        assert _post(srv, "/resume?listener=smtp", {"Accept": "text/html"})[0] == 303
+        code, _, body = _post(srv, "/resume", {"Content-Type": form["Content-Type"],
+                                               "Accept": "*/*"})
+        assert code == 200 and json.loads(body) == {"resume": ["smtp", "submission"]}
+        for accept in ("application/json", "*/*", "text/html;q=0.5, application/json",
+                       "text/html, application/json", "text/html;q=0"):
+            assert _post(srv, "/drain?listener=smtp", {"Accept": accept})[0] == 200, accept
+        # the page's form for a listener that does not exist: the 404 says so
+        code, _, body = _post(srv, "/drain?listener=nope", form)
+        assert code == 404 and b"nope" in body
+
+
+def test_a_post_a_browser_makes_for_another_site_is_403_and_changes_nothing() -> None:
+    with serving() as srv:
+        me = f"{HOST}:{srv.port}"
+        refused = [
+            {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+            {"Sec-Fetch-Site": "same-site", "Origin": f"http://{HOST}:1"},  # another port
+            {"Origin": "null"},  # a file, a sandboxed frame
+            {"Origin": f"http://{HOST}:1"},
+            # DNS rebinding: the browser thinks it is the same origin; the name tells
+            {"Host": f"rebind.example:{srv.port}", "Origin": f"http://rebind.example:{srv.port}",
+             "Sec-Fetch-Site": "same-origin"},
+        ]
+        for h in refused:
+            code, _, body = _post(srv, "/drain?listener=smtp", h)
+            assert code == 403 and b"another site" in body, h
+        assert srv.controls.calls == []
+        allowed = [{"Origin": f"http://{me}", "Sec-Fetch-Site": "same-origin"},
+                   {"Sec-Fetch-Site": "none"},  # typed or bookmarked
+                   {"Host": f"localhost:{srv.port}", "Origin": f"http://localhost:{srv.port}"},
+                   {}]  # curl, scripts
+        for h in allowed:
+            assert _post(srv, "/drain?listener=smtp", h)[0] == 200, h
+        assert len(srv.controls.calls) == len(allowed)

@@ -1,4 +1,5 @@
-"""Admin HTTP listener: /metrics, /healthz, /readyz, /status, POST /drain and /resume.
+"""Admin HTTP listener: /metrics, /healthz, /readyz, /status, /events, the status page at /,
+POST /drain and /resume.
 
 It runs in a thread of its own, with its own event loop (uvloop when importable), because
 the gate's loop must never wait on the admin port.  What a scrape costs is chosen by the
@@ -10,8 +11,8 @@ threads take turns, but CPython hands it over every switch interval (5 ms): a sc
 takes a second delays an accept by about that, plus any cyclic-GC pass its allocations
 set off (tens of ms for 100,000 samples), instead of by the second.
 
-What reads or changes the forwarder (status, readiness, drain, resume) belongs to the
-forwarder's loop and runs there.  The admin thread waits for it at most
+What reads or changes the forwarder (status, readiness, drain, resume, events) belongs to
+the forwarder's loop and runs there.  The admin thread waits for it at most
 `Limits.control_timeout` and then answers 503 "forwarder busy"; a call the loop had not
 started by then is cancelled, so a drain the client was told failed never happens later.
 
@@ -28,9 +29,18 @@ one is closed as soon as it is accepted, before a byte is read: half-open client
 take the descriptors the relay needs.  That is why the accept is ours (`_protocol`), not a
 `web.SockSite`'s.
 
+The status page (ops/page.py) is built here too, from one such call (status and events)
+and from the connection counters, read on this thread as a scrape reads them; a ring of
+their snapshots, sampled every few seconds on this thread's loop, gives the last minute.
+
 Drain and resume change the gate, so they are refused (403) from any non-loopback peer,
 even when the listener is bound to a public address so that a remote Prometheus can scrape
-/metrics.  The peer is the socket's, never a header.
+/metrics.  The peer is the socket's, never a header.  The page's buttons are plain HTML
+forms: a browser's POST is answered 303 back to the page (with the JSON body the API gets);
+one a browser makes for another site is refused 403 (ops/browsers.py).
+
+Size: one server, its limits, its endpoints and the way back to the forwarder's loop belong
+together; what stands alone (the page, telling browsers apart) is in page.py and browsers.py.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import ipaddress
 import json
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,7 +64,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config.model import Endpoint
-from . import metrics
+from . import browsers, metrics, page, supervise
 
 try:
     import uvloop
@@ -82,6 +93,11 @@ class Controls(Protocol):
     def drain(self, name: str | None) -> list[str]: ...
 
     def resume(self, name: str | None) -> list[str]: ...
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """The recent history (ops/history.py), oldest first: only events whose seq is
+        larger than `since`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -118,13 +134,23 @@ def _text(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text)
 
 
-def _json(data: Any) -> web.Response:
-    return web.Response(body=(json.dumps(data, indent=2) + "\n").encode(),
-                        content_type="application/json")
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=(json.dumps(data, indent=2) + "\n").encode(),
+                        content_type="application/json", headers=headers)
 
 
 _HEAD_TOO_LARGE = (b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: text/plain\r\n"
                    b"Content-Length: 23\r\nConnection: close\r\n\r\nrequest head too large\n")
+
+
+def _since(request: web.Request) -> int:
+    try:
+        since = int(request.query.get("since", "0"))
+    except ValueError:
+        since = -1
+    if since < 0:
+        raise web.HTTPBadRequest(text="since must be an event's seq (an integer >= 0)\n")
+    return since
 
 
 class _Handler(web.RequestHandler):
@@ -206,8 +232,11 @@ class _Refuse(asyncio.Protocol):
 class _Admin:
     """The admin thread: its loop, the aiohttp application, the way back to the forwarder."""
 
-    def __init__(self, sock: socket.socket, controls: Controls, limits: Limits) -> None:
+    def __init__(self, sock: socket.socket, controls: Controls, limits: Limits,
+                 dashboard_url: str | None = None) -> None:
         self.sock, self.controls, self.limits = sock, controls, limits
+        self.dashboard_url = dashboard_url
+        self.outcomes = page.Outcomes()  # touched on the admin thread only
         self.main = asyncio.get_running_loop()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping: asyncio.Event | None = None
@@ -218,10 +247,12 @@ class _Admin:
         self.thread = threading.Thread(target=self._run, name="admin", daemon=True)
 
     def app(self) -> web.Application:
-        """One route per endpoint: a page at / or an /events stream is one more line (a
-        streaming handler writes its answer itself, so it bounds its own writes)."""
+        """One route per endpoint (a streaming handler, such as an /events stream would be,
+        writes its answer itself, so it bounds its own writes)."""
         app = web.Application(middlewares=[self.guard])
         app.add_routes([
+            web.get("/", self.status_page),
+            web.get("/events", self.events),
             web.get("/metrics", self.metrics),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
@@ -249,6 +280,24 @@ class _Admin:
     async def status(self, request: web.Request) -> web.StreamResponse:
         return _json(await self.call(self.controls.status))
 
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        since = _since(request)
+        return _json(await self.call(lambda: self.controls.events(since)))
+
+    async def status_page(self, request: web.Request) -> web.StreamResponse:
+        refresh = request.query.get("refresh", str(page.REFRESH))
+        try:
+            every = int(refresh)
+        except ValueError:
+            raise web.HTTPBadRequest(text="refresh must be a number of seconds\n") from None
+        every = 0 if every <= 0 else min(max(every, 2), 3600)
+        c = self.controls
+        st, evs = await self.call(lambda: (c.status(), c.events(0)))
+        body = page.render(st, evs, self.outcomes.table(), now=time.time(),
+                           dashboard_url=self.dashboard_url, refresh=every)
+        return web.Response(text=body, content_type="text/html", charset="utf-8",
+                            headers=page.HEADERS)
+
     async def drain(self, request: web.Request) -> web.StreamResponse:
         return await self.gate(request, "drain", self.controls.drain)
 
@@ -261,11 +310,17 @@ class _Admin:
         if not _is_loopback(peer):
             log.warning("admin.forbidden", path=request.path, peer=peer)
             return _text(403, "drain/resume only from loopback\n")
+        why = browsers.cross_site(request)
+        if why is not None:
+            log.warning("admin.forbidden", path=request.path, peer=peer, reason=why)
+            return _text(403, f"drain/resume refused from another site: {why}\n")
         name = request.query.get("listener")
         done = await self.call(lambda: fn(name))
         if not done:
             return _text(404, f"no listener {name!r}\n")
         log.info(f"admin.{action}", listeners=done, peer=peer)
+        if browsers.wants_page(request):  # back to the page, which shows what changed
+            return _json({action: done}, 303, {"Location": "./"})
         return _json({action: done})
 
     @web.middleware
@@ -324,6 +379,15 @@ class _Admin:
 
     # --- the thread --------------------------------------------------------------------
 
+    async def sample(self) -> None:
+        """Snapshots of the connection counters, for the page's last minute."""
+        while True:
+            try:
+                self.outcomes.sample()
+            except Exception:
+                supervise.internal_error("admin", "admin.sample_failed")
+            await asyncio.sleep(page.SAMPLE_EVERY)  # a clock, not a synchronisation
+
     def _protocol(self, server: web.Server, kw: dict[str, Any]) -> asyncio.BaseProtocol:
         """The accept: a connection past the cap is refused before it costs more than a
         descriptor for a moment; the first and the last refusal of a run are logged."""
@@ -354,8 +418,10 @@ class _Admin:
                   "max_headers": lim.max_headers}
             listener = await loop.create_server(lambda: self._protocol(server, kw),
                                                 sock=self.sock)
+            sampler = asyncio.create_task(self.sample())
             self.ready.set_result(None)
             await self.stopping.wait()
+            sampler.cancel()
             listener.close()
         finally:
             await runner.cleanup()
@@ -389,12 +455,13 @@ class _Admin:
         self.thread.join(STOP_TIMEOUT)  # done is the thread's last act: this is immediate
 
 
-async def start(sock: socket.socket, controls: Controls,
-                limits: Limits = LIMITS) -> Callable[[], Awaitable[None]]:
+async def start(sock: socket.socket, controls: Controls, limits: Limits = LIMITS, *,
+                dashboard_url: str | None = None) -> Callable[[], Awaitable[None]]:
     """Serve on `sock` (bound, not listening: bound before the privilege drop) from the
-    admin thread; return an async stopper.  Called on the forwarder's loop."""
+    admin thread; return an async stopper.  Called on the forwarder's loop.
+    `dashboard_url`: a Grafana dashboard the status page links to."""
     host, port = sock.getsockname()[:2]
-    admin = _Admin(sock, controls, limits)
+    admin = _Admin(sock, controls, limits, dashboard_url)
     admin.thread.start()
     await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(admin.ready)), START_TIMEOUT)
     log.info("admin.listening", address=str(Endpoint(host, port)))
