@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEBS := xinetd sendmail-bin prometheus haproxy socat iperf3 iproute2 util-linux systemd dnsmasq-base \
         libidn12 libicu72 chromium stress-ng
 
-.PHONY: run test lint bench debs venv clean
+.PHONY: run test lint bench screenshot debs venv clean
 
 $(BIN)/forwarder: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: venv
 ## the side-by-side benchmark (not part of `make test`; a smoke run of it is): --quick for ~2 min
 bench: debs venv
 	$(BIN)/python -m tests.perf.bench --markdown $(BENCH_ARGS)
+
+## the README's picture of the status page (docs/status-page.png); needs chromium
+screenshot: debs venv
+	$(BIN)/python dashboards/screenshot.py
 
 debs:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -141,7 +141,8 @@ class Service:
                         (signal.SIGHUP, "reload")):
             loop.add_signal_handler(sig, self._events.put_nowait, ev)
         if self.admin_sock is not None:
-            self._admin_stop = await admin.start(self.admin_sock, self)
+            self._admin_stop = await admin.start(self.admin_sock, self,
+                                                 dashboard_url=self.cfg.dashboard_url)
         history.record("forwarder.started", listeners=sorted(self.listeners))
         log.info("forwarder.started", version=__version__,
                  listeners=[f"{lc.name}={','.join(map(str, lc.endpoints))}"
@@ -269,7 +270,7 @@ class Service:
             await self._admin_stop()
             self._admin_stop = None
         if sock is not None:
-            self._admin_stop = await admin.start(sock, self)
+            self._admin_stop = await admin.start(sock, self, dashboard_url=self.cfg.dashboard_url)
         log.info("reload.admin", address=str(ep) if ep else None)
         return ep
 

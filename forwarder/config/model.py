@@ -217,6 +217,7 @@ class Config:
     # worker processes accepting and relaying ("auto": one per CPU; 1: this process does
     # it all); see workers/hub.py
     workers: int | Literal["auto"] = 1
+    dashboard_url: str | None = None  # linked from the status page
     source: str = "<cli>"
     # where each key was written, for errors found after reading (see `Place`)
     places: Place | None = field(default=None, compare=False, repr=False, metadata=DERIVED)

@@ -215,6 +215,11 @@ def _config_from_dict(data: dict[str, Any], lines: dict[str, int], file: str) ->
             raise r.error(k, "must not be empty (leave the key out for the default)")
     drain = r.number("drain_timeout", 30.0, allow_zero=True)
     state_file = r.get("state_file", str)
+    dashboard_url = r.get("dashboard_url", str)
+    if dashboard_url is not None and (urlsplit(dashboard_url).scheme not in ("http", "https")
+                                      or not urlsplit(dashboard_url).hostname):
+        raise r.error("dashboard_url", f"expected an http:// or https:// URL, got "
+                                       f"{dashboard_url!r}")
     workers = r.get("workers", (int, str), 1)
     if workers != "auto" and (not isinstance(workers, int) or not 1 <= workers <= 256):
         raise r.error("workers", f"expected \"auto\" or a number 1..256, got {workers!r}")
@@ -241,6 +246,7 @@ def _config_from_dict(data: dict[str, Any], lines: dict[str, int], file: str) ->
     return validate(Config(listeners=tuple(listeners), user=user, group=group,
                            drain_timeout=drain, admin=admin, log=log, source=file,
                            state_file=state_file, workers=workers,
+                           dashboard_url=dashboard_url,
                            places=_TomlPlace(file, lines)))
 
 
@@ -506,6 +512,8 @@ def to_toml(cfg: Config, *, from_xinetd: bool = False) -> str:
     if cfg.state_file:
         out.append(f"state_file = {_tv(cfg.state_file)}")
     out.append(f"workers = {_tv(cfg.workers)}")
+    if cfg.dashboard_url:
+        out.append(f"dashboard_url = {_tv(cfg.dashboard_url)}")
     if cfg.admin:
         out.append(f"admin = {_tv(str(cfg.admin))}")
     elif from_xinetd:

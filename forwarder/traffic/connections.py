@@ -86,6 +86,14 @@ class Connections:
     def waiting(self) -> int:
         return len(self.pending) + len(self.refusing)
 
+    def by_backend(self) -> dict[str, int]:
+        """Connections being relayed, per backend name."""
+        out: dict[str, int] = {}
+        for sp in self.splices:
+            name = sp.tag[1].name
+            out[name] = out.get(name, 0) + 1
+        return out
+
     def live_hosts(self) -> list[str]:
         """The client address of every admitted connection (a reload's new Access)."""
         return [sp.tag[0][0] for sp in self.splices] + [h.addr[0] for h in self.pending]

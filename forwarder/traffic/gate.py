@@ -33,6 +33,7 @@ import ctypes
 import errno
 import socket
 import struct
+import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -124,6 +125,7 @@ class Gate:
         self.open_failures = 0  # in the current run of failures
         self._loop = asyncio.get_running_loop()
         self.transitions = 0
+        self.since = time.time()  # wall clock of the last state change (or of the start)
 
     @property
     def settling(self) -> bool:
@@ -240,6 +242,7 @@ class Gate:
         gate_open_failures.labels(self.name, name).inc()
         if self.reason != "open_failed":
             self.reason = "open_failed"
+            self.since = time.time()
         if self.open_failures == 1:
             history.record("gate.open_failed", listener=self.name, reason=e.strerror,
                            address=where, holder=holder)
@@ -292,6 +295,7 @@ class Gate:
         self._transition("closed", reason)
 
     def _transition(self, state: str, reason: str, **extra: object) -> None:
+        self.since = time.time()
         self.reason = reason
         self.transitions += 1
         self.metrics.transition(state, reason)
@@ -323,5 +327,5 @@ class Gate:
 
     def status(self) -> dict[str, Any]:
         return {"state": "open" if self.is_open else "closed", "reason": self.reason,
-                "drained": self.drained, "holds": sorted(self.holds),
+                "since": self.since, "drained": self.drained, "holds": sorted(self.holds),
                 "open_error": self.open_error}

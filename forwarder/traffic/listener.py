@@ -37,6 +37,8 @@ class Workers(Protocol):
 
     def counts(self, name: str) -> tuple[int, int]: ...
 
+    def by_backend(self, name: str) -> dict[str, int]: ...
+
 
 def greeting_policy(cfg: ListenerConfig) -> tuple[float | None, float]:
     g = cfg.greeting_timeout
@@ -164,6 +166,10 @@ class Listener:
 
     def status(self) -> dict[str, Any]:
         remote = self.workers.counts(self.cfg.name) if self.workers is not None else (0, 0)
+        live = self.conns.by_backend()
+        if self.workers is not None:
+            for b, n in self.workers.by_backend(self.cfg.name).items():
+                live[b] = live.get(b, 0) + n
         return {
             "name": self.cfg.name,
             "addresses": [str(e) for e in self.cfg.endpoints],
@@ -173,5 +179,6 @@ class Listener:
             "greeting_timeout_max": self.cfg.greeting_timeout_max,
             "connections_active": self.conns.active + remote[0],
             "connections_pending": self.conns.waiting + remote[1],
-            "backends": [b.status() for b in self.pool.backends],
+            "backends": [{**b.status(), "connections_active": live.get(b.name, 0)}
+                         for b in self.pool.backends],
         }

@@ -54,7 +54,7 @@ class Link:
         self.chan: ipc.Channel | None = None
         self.ready = asyncio.Event()
         self.exited = asyncio.Event()
-        self.counts: dict[str, tuple[int, int]] = {}
+        self.counts: dict[str, tuple[int, int, dict[str, int]]] = {}
         self.stopped = False
         self.cut = 0  # connections it reset when it stopped
         self.restarts = 0
@@ -218,14 +218,24 @@ class Hub:
     # --- for /status ------------------------------------------------------------------------
 
     def counts(self, name: str) -> tuple[int, int]:
-        active = sum(link.counts.get(name, (0, 0))[0] for link in self.links)
-        waiting = sum(link.counts.get(name, (0, 0))[1] for link in self.links)
+        """(relayed, waiting) connections of listener `name` in the workers."""
+        active = waiting = 0
+        for link in self.links:
+            a, w, _ = link.counts.get(name, (0, 0, {}))
+            active, waiting = active + a, waiting + w
         return active, waiting
+
+    def by_backend(self, name: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for link in self.links:
+            for b, n in link.counts.get(name, (0, 0, {}))[2].items():
+                out[b] = out.get(b, 0) + n
+        return out
 
     def status(self) -> list[dict[str, Any]]:
         return [{"index": link.index, "pid": link.pid, "alive": not link.exited.is_set(),
                  "restarts": link.restarts,
-                 "connections_active": sum(a for a, _ in link.counts.values())}
+                 "connections_active": sum(c[0] for c in link.counts.values())}
                 for link in self.links]
 
     # --- stop ---------------------------------------------------------------------------------

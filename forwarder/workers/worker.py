@@ -140,8 +140,9 @@ class Worker:
         self.chan.close()
         return 0
 
-    def _counts(self) -> dict[str, tuple[int, int]]:
-        return {n: (lst.conns.active, lst.conns.waiting) for n, lst in self.listeners.items()}
+    def _counts(self) -> dict[str, tuple[int, int, dict[str, int]]]:
+        return {n: (lst.conns.active, lst.conns.waiting, lst.conns.by_backend())
+                for n, lst in self.listeners.items()}
 
     async def _report(self) -> None:
         while True:
@@ -185,7 +186,7 @@ class Worker:
 
     async def _stop(self, timeout: float) -> None:
         cut = await asyncio.gather(*(lst.stop(timeout) for lst in self.listeners.values()))
-        self.send("metrics", (metrics.snapshot(), {n: (0, 0) for n in self.listeners}))
+        self.send("metrics", (metrics.snapshot(), {n: (0, 0, {}) for n in self.listeners}))
         self.send("stopped", sum(cut))
         self.done.set()
 
