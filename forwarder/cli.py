@@ -25,7 +25,7 @@ from .config.checks import worker_count
 from .config.cli_args import Overrides, apply, from_cli
 from .config.model import Config, ConfigError
 from .config.toml import load_toml, to_dict, to_toml
-from .ops import logs, system
+from .ops import logs, supervise, system
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_SYSTEM = 0, 1, 2, 3
 COMMANDS = ("run", "check-config", "convert-xinetd", "status")
@@ -304,6 +304,7 @@ def _run(cfg: Config, reloader: Callable[[], Config] | None, activated: list[Any
         system.drop_privileges(cfg.user, cfg.group)
     except (OSError, system.SystemError_) as e:
         raise system.SystemError_(f"cannot drop privileges: {e}") from None
+    supervise.settle()  # before the fork: the fork server and workers share these pages
     workers = worker_count(cfg)
     zygote = None
     if workers > 1:  # forked now: no event loop exists yet (workers/zygote.py)

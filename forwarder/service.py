@@ -150,6 +150,7 @@ class Service:
                  loop=type(loop).__module__.split(".")[0])
         system.sd_notify("READY=1\nSTATUS=probing backends")
         self.ready.set()
+        supervise.settle()
         wd = system.watchdog_interval()
         if wd:
             self._watchdog = supervise.spawn("watchdog", _pinger(wd))

@@ -14,6 +14,7 @@ it ends the task, which is how the owner stops it.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -67,3 +68,15 @@ async def cancel(task: asyncio.Task[None] | None) -> None:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def settle() -> None:
+    """Start-up is over: move every object made so far out of the cyclic GC's way.
+
+    What start-up builds (modules, the config, listeners) lives as long as the process;
+    left in the youngest generations it is swept again and again, and each full collection
+    of it stopped the loop for ~40 ms under churn (measured; gc.freeze() after start-up
+    brought a session's share of GC time from ~7 to ~4 µs).  The thresholds stay as they
+    are: raising them made fewer but longer pauses."""
+    gc.collect()
+    gc.freeze()

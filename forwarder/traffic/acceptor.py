@@ -21,7 +21,8 @@ from .poller import Poller
 
 log = structlog.get_logger("forwarder.acceptor")
 
-Address = tuple[str, int]
+# an accepted peer: (host, port), or for IPv6 (host, port, flowinfo, scope_id)
+Address = tuple[str, int] | tuple[str, int, int, int]
 AcceptHandler = Callable[[socket.socket, Address], None]
 
 # accept() errors that mean "out of resources now": back off instead of spinning

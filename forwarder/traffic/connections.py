@@ -26,9 +26,10 @@ from ..ops import supervise
 from ..ops.logs import Sampler
 from ..ops.metrics import ListenerMetrics
 from ..ops.system import tune
+from .acceptor import Address
 from .access import Access
 from .deadlines import Deadlines
-from .handoff import Address, Candidate, Handoff, Plan, dial
+from .handoff import Candidate, Handoff, Plan, dial
 from .poller import Poller
 from .splice import Splice
 
@@ -112,7 +113,8 @@ class Connections:
                candidates: Sequence[Candidate]) -> None:
         h = Handoff(self.plan, conn, addr, candidates)
         self.pending.add(h)
-        self._idle.clear()
+        if self._idle.is_set():
+            self._idle.clear()
         h.start()
 
     def release_waiting(self, b: Candidate) -> None:

@@ -33,11 +33,10 @@ from typing import Protocol
 from ..config.model import SockAddr
 from ..net import proxy_protocol
 from ..net.sockets import reset
+from .acceptor import Address
 from .deadlines import Deadlines
 from .poller import Poller
 from .splice import COPY_MAX
-
-Address = tuple[str, int]
 
 
 class Deadline(Protocol):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import select
 from collections.abc import Callable
+from typing import ClassVar
 
 from ..ops import supervise
 
@@ -28,7 +29,7 @@ BATCH = 512  # events per wake-up
 class Poller:
     """One epoll set per event loop."""
 
-    _instances: dict[int, Poller] = {}
+    _instances: ClassVar[dict[int, Poller]] = {}
 
     @classmethod
     def for_loop(cls, loop: asyncio.AbstractEventLoop) -> Poller:

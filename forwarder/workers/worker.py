@@ -165,6 +165,7 @@ class Worker:
             for s in socks:
                 s.setblocking(False)
             self.listeners[cfg.name] = WorkerListener(self, cfg, hostname, socks)
+            supervise.settle()
         elif kind == "config":
             cfg, hostname = payload
             self.listeners[cfg.name].configure(cfg, hostname)
