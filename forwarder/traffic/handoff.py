@@ -99,11 +99,13 @@ class Plan:
     """How one listener hands off, rebuilt when its config changes (a hand-off in progress
     keeps the plan it started with)."""
 
-    __slots__ = ("connect_timeout", "deadlines", "dial", "poller", "proxy", "sink", "smtp")
+    __slots__ = ("connect_timeout", "deadlines", "dial", "poller", "proxy", "sink", "smtp",
+                 "time")
 
     def __init__(self, *, sink: Sink, poller: Poller, deadlines: Deadlines, dial: Dialer,
                  smtp: bool, proxy: str | None, connect_timeout: float) -> None:
         self.sink, self.poller, self.deadlines, self.dial = sink, poller, deadlines, dial
+        self.time = poller.loop.time
         self.smtp, self.proxy = smtp, proxy
         self.connect_timeout = connect_timeout
 
@@ -154,7 +156,7 @@ class Handoff:
 
     def _wait(self, b: Candidate, bs: socket.socket) -> None:
         plan = self.plan
-        now = plan.poller.loop.time()
+        now = plan.time()
         self.backend, self.bs, self.t0 = b, bs, now
         if plan.smtp and not plan.proxy:
             self.step = "direct"
@@ -172,7 +174,7 @@ class Handoff:
         if err:
             self._failed("connect", os.strerror(err))
             return
-        b.connect_time(plan.poller.loop.time() - self.t0)
+        b.connect_time(plan.time() - self.t0)
         if plan.proxy:
             try:
                 bs.send(proxy_protocol.header_for_socket(plan.proxy, self.conn))
@@ -182,7 +184,7 @@ class Handoff:
         fd = bs.fileno()
         if plan.smtp:
             self.step = "greeting"
-            plan.deadlines.set(self, plan.poller.loop.time() + b.greeting.seconds)
+            plan.deadlines.set(self, plan.time() + b.greeting.seconds)
             plan.poller.swap_to_reader(fd, self._greeted)  # one epoll_ctl
             return
         plan.deadlines.clear(self)
@@ -209,7 +211,7 @@ class Handoff:
             return
         plan.deadlines.clear(self)
         if self.step == "direct":  # the connect is not timed apart from the greeting
-            b.connect_time(plan.poller.loop.time() - self.t0)
+            b.connect_time(plan.time() - self.t0)
         plan.poller.drop_reader(bs.fileno())  # re-armed as it is by the splice
         self._done(greeting)
 
@@ -233,7 +235,7 @@ class Handoff:
             step, limit = "greeting", b.greeting.seconds
         except OSError:  # ENOTCONN: the handshake has not completed
             step, limit = "connect", plan.connect_timeout
-        now = plan.poller.loop.time()
+        now = plan.time()
         if self.t0 + limit > now + 0.001:
             plan.deadlines.set(self, self.t0 + limit)
         else:

@@ -152,7 +152,10 @@ class Listener:
     # --- admission ------------------------------------------------------------------------
 
     def _on_accept(self, conn: socket.socket, addr: Address) -> None:
-        self.conns.admit(self.access, conn, addr, self.pool.candidates())
+        if self.access.trivial:  # the common case, one call shorter
+            self.conns.accept(conn, addr, self.pool.candidates())
+        else:
+            self.conns.admit(self.access, conn, addr, self.pool.candidates())
 
     def _release(self, host: str) -> None:
         if not self.access.trivial:

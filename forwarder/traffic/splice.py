@@ -36,8 +36,6 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 HAVE_SPLICE = hasattr(os, "splice")
 _FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if HAVE_SPLICE else 0
 _AGAIN = (BlockingIOError, InterruptedError)
-_SCRATCH = bytearray(COPY_MAX)  # see _Direction._copy
-_VIEW = memoryview(_SCRATCH)
 
 
 class _Direction:
@@ -118,36 +116,30 @@ class _Direction:
     def _copy(self) -> None:
         """Small exchanges (a greeting, a command) go through a plain recv/send: a pipe
         pair costs eight syscalls to set up and tear down, more than a short SMTP session
-        moves.  The first full read or the first blocked send switches to splicing.
-
-        The bytes go through one scratch buffer shared by every direction (the loop runs
-        one callback at a time and the buffer is empty again when this returns): a read
-        allocates nothing, so a stream of small messages makes no garbage for the cyclic
-        GC to sweep in the middle of someone's round trip.  Only a remainder the
-        destination could not take is copied out."""
+        moves.  The first full read or the first blocked send switches to splicing."""
         try:
-            n = self.src.recv_into(_SCRATCH)
+            data = self.src.recv(COPY_MAX)
         except _AGAIN:
             return
         except OSError as e:
             self.owner.failed(e)
             return
-        if not n:
+        if not data:
             self._at_eof()
             return
-        self.nbytes += n
-        data = _VIEW[:n]
+        self.nbytes += len(data)
         sent = self._send(data)
         if sent < 0:
             return
-        if sent < n or n == COPY_MAX:
+        if sent < len(data) or len(data) == COPY_MAX:
             if self._make_pipe():
-                if sent < n:  # park the rest in the pipe: it holds far more
-                    os.write(self.pipe_w, data[sent:])
-                    self.queued += n - sent
+                if sent < len(data):  # park the rest in the pipe: it holds far more
+                    rest = memoryview(data)[sent:]
+                    os.write(self.pipe_w, rest)
+                    self.queued += len(rest)
                     self._flush()
-            elif sent < n:  # hold the rest ourselves until the destination drains
-                self.held = memoryview(bytes(data[sent:]))
+            elif sent < len(data):  # hold the rest ourselves until the destination drains
+                self.held = memoryview(data)[sent:]
                 self._want_read(False)
                 self._want_write(True)
 
