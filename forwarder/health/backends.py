@@ -27,7 +27,7 @@ import structlog
 
 from ..config.model import BackendConfig, CheckConfig, Endpoint, ProbeConfig, SockAddr
 from ..ops import history, supervise
-from ..ops.metrics import BackendMetrics
+from ..ops.metrics import BackendMetrics, Buckets
 from .greeting import GreetingDeadline
 from .probe import ProbeResult, run_check
 from .rise_fall import RiseFall
@@ -79,9 +79,11 @@ class Backend:
         self.source = source
         self.health = RiseFall(probe_cfg.rise, probe_cfg.fall)
         self.draining = False  # a check asks for no new connections
+        self.available = False  # up and taking new connections (_update_available)
         self.history: deque[ProbeResult] = deque(maxlen=HISTORY)  # rounds
         self.checks: dict[str, deque[ProbeResult]] = {}  # per check label
         self.metrics = BackendMetrics(self.name, tuple(c.label for c in probe_cfg.all_checks))
+        self.connect: Buckets = self.metrics.connect  # time until a connection was usable
         self.greeting = GreetingDeadline(*greeting)
         self.metrics.greeting.set(self.greeting.seconds)
         self._on_change = on_change
@@ -93,10 +95,9 @@ class Backend:
     def up(self) -> bool:
         return self.health.up
 
-    @property
-    def available(self) -> bool:
-        """Up and taking new connections."""
-        return self.health.up and not self.draining
+    def _update_available(self) -> None:
+        # an attribute, not a property: Pool.candidates() reads it for every connection
+        self.available = self.health.up and not self.draining
 
     def start(self) -> None:
         if self._task is None:
@@ -132,13 +133,12 @@ class Backend:
         self._record(False)
         self._wake.set()
 
-    def connect_time(self, seconds: float) -> None:
-        self.metrics.connect.observe(seconds)
 
     # --- the verdict ----------------------------------------------------------------------
 
     def _record(self, ok: bool) -> None:
         if self.health.record(ok):
+            self._update_available()
             self.last_change = asyncio.get_running_loop().time()
             up = self.health.up
             self.metrics.transition(up)
@@ -181,6 +181,7 @@ class Backend:
             changed = drain != self.draining
             if changed:
                 self.draining = drain
+                self._update_available()
                 log.info("backend.drain" if drain else "backend.undrain", backend=self.name,
                          detail=res.detail)
                 history.record("backend.drain" if drain else "backend.undrain",

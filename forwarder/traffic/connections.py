@@ -61,6 +61,7 @@ class Connections:
         self.refusing: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()  # set while no connection is in any of the three sets
         self._idle.set()
+        self._idle_now = True  # the same as a plain flag: read per connection
         self._sampler = Sampler(per_second=20)
         self._sweeper: asyncio.Task[None] | None = None
         self.cuts = 0  # splices reset by cut() (a second SIGTERM, the drain timeout)
@@ -113,7 +114,8 @@ class Connections:
                candidates: Sequence[Candidate]) -> None:
         h = Handoff(self.plan, conn, addr, candidates)
         self.pending.add(h)
-        if self._idle.is_set():
+        if self._idle_now:
+            self._idle_now = False
             self._idle.clear()
         h.start()
 
@@ -227,11 +229,18 @@ class Connections:
         """The one end of every admitted connection."""
         if self._release_host is not None:
             self._release_host(addr[0])
-        self._check_idle()
+        if not (self.pending or self.splices or self.refusing):
+            self._idle_now = True
+            self._idle.set()
 
     def _check_idle(self) -> None:
         if not (self.pending or self.splices or self.refusing):
+            self._idle_now = True
             self._idle.set()
+
+    def set_release(self, release: Callable[[str], None] | None) -> None:
+        """What ends an admitted connection's count (None: nothing is counted)."""
+        self._release_host = release
 
     # --- idle timeout -------------------------------------------------------------------
 

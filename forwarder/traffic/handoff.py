@@ -39,6 +39,10 @@ from .poller import Poller
 from .splice import COPY_MAX
 
 
+class Observer(Protocol):
+    def observe(self, value: float) -> None: ...
+
+
 class Deadline(Protocol):
     @property
     def seconds(self) -> float: ...
@@ -57,9 +61,10 @@ class Candidate(Protocol):
     @property
     def greeting(self) -> Deadline: ...
 
-    def passive_failure(self, reason: str, detail: str = "") -> None: ...
+    @property
+    def connect(self) -> Observer: ...  # time until a connection was usable
 
-    def connect_time(self, seconds: float) -> None: ...
+    def passive_failure(self, reason: str, detail: str = "") -> None: ...
 
 
 Dialer = Callable[[Candidate], socket.socket]
@@ -174,7 +179,7 @@ class Handoff:
         if err:
             self._failed("connect", os.strerror(err))
             return
-        b.connect_time(plan.time() - self.t0)
+        b.connect.observe(plan.time() - self.t0)
         if plan.proxy:
             try:
                 bs.send(proxy_protocol.header_for_socket(plan.proxy, self.conn))
@@ -189,7 +194,7 @@ class Handoff:
             return
         plan.deadlines.clear(self)
         plan.poller.drop_writer(fd)  # the splice re-arms the fd: one epoll_ctl
-        self._done(b"")
+        plan.sink.ready(self, b"")
 
     def _greeted(self) -> None:
         """The greeting is read here and passed on before the splice starts: a backend that
@@ -211,9 +216,9 @@ class Handoff:
             return
         plan.deadlines.clear(self)
         if self.step == "direct":  # the connect is not timed apart from the greeting
-            b.connect_time(plan.time() - self.t0)
+            b.connect.observe(plan.time() - self.t0)
         plan.poller.drop_reader(bs.fileno())  # re-armed as it is by the splice
-        self._done(greeting)
+        plan.sink.ready(self, greeting)
 
     def expire(self) -> None:
         """Deadlines calls this once the step's deadline has passed."""
@@ -265,9 +270,6 @@ class Handoff:
         self.plan.poller.forget(bs.fileno())  # closing removes it from the epoll set
         reset(bs)
         self.bs = None
-
-    def _done(self, greeting: bytes) -> None:
-        self.plan.sink.ready(self, greeting)
 
     def abort(self) -> None:
         """Shutting down: both sockets closed with a reset; the sink is not called."""

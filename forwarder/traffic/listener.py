@@ -58,7 +58,8 @@ class Listener:
                          activated=activated)
         self.access = Access(cfg.access, self.loop.time, self.gate.hold_closed)
         self.discovery: Discovery | None = None
-        self.conns = Connections(cfg, cfg.hostname or hostname, self.metrics, self._release)
+        self.conns = Connections(cfg, cfg.hostname or hostname, self.metrics,
+                                 None if self.access.trivial else self._release)
         self.workers: Workers | None = None  # worker processes accept for us (workers/hub.py)
         self._configure(cfg)
         self.pool.subscribe(self._health_changed)
@@ -129,6 +130,7 @@ class Listener:
             old = self.access
             self.access = Access(cfg.access, self.loop.time, self.gate.hold_closed)
             self.access.take_over(old, self.conns.live_hosts())
+            self.conns.set_release(None if self.access.trivial else self._release)
         self.pool.configure(cfg.probe, cfg.send_proxy, greeting_policy(cfg))
         await self.pool.update(cfg.backends)
         await self._sync_discovery()

@@ -127,18 +127,23 @@ class _Direction:
         if not data:
             self._at_eof()
             return
-        self.nbytes += len(data)
-        sent = self._send(data)
-        if sent < 0:
+        n = len(data)
+        self.nbytes += n
+        try:  # _send() inlined: this runs for every small message
+            sent = self.dst.send(data)
+        except _AGAIN:
+            sent = 0
+        except OSError as e:
+            self.owner.failed(e)
             return
-        if sent < len(data) or len(data) == COPY_MAX:
+        if sent < n or n == COPY_MAX:
             if self._make_pipe():
-                if sent < len(data):  # park the rest in the pipe: it holds far more
+                if sent < n:  # park the rest in the pipe: it holds far more
                     rest = memoryview(data)[sent:]
                     os.write(self.pipe_w, rest)
                     self.queued += len(rest)
                     self._flush()
-            elif sent < len(data):  # hold the rest ourselves until the destination drains
+            elif sent < n:  # hold the rest ourselves until the destination drains
                 self.held = memoryview(data)[sent:]
                 self._want_read(False)
                 self._want_write(True)

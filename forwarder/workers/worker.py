@@ -43,12 +43,13 @@ def _no_hold(reason: str, seconds: float) -> None:
 class Replica:
     """A worker's copy of one backend: what the hand-off needs (handoff.Candidate)."""
 
-    __slots__ = ("available", "listener", "name", "seconds", "sockaddr", "worker")
+    __slots__ = ("available", "connect", "listener", "name", "seconds", "sockaddr", "worker")
 
     def __init__(self, worker: Worker, listener: str, name: str, sockaddr: SockAddr) -> None:
         self.worker, self.listener, self.name, self.sockaddr = worker, listener, name, sockaddr
         self.seconds = 10.0  # the greeting deadline
         self.available = False
+        self.connect = metrics.backend_connect.labels(name)
 
     @property
     def greeting(self) -> Replica:
@@ -57,8 +58,6 @@ class Replica:
     def passive_failure(self, reason: str, detail: str = "") -> None:
         self.worker.send("passive", (self.listener, self.name, reason, detail))
 
-    def connect_time(self, seconds: float) -> None:
-        metrics.backend_connect.labels(self.name).observe(seconds)
 
 
 class WorkerListener:
