@@ -7,6 +7,7 @@
 Rows: `direct` (no forwarder), `forwarder` (splice relay, tcp probe, gate, admin/metrics,
 log level info, tcp mode like haproxy's), `forwarder-base` (the same with the executable
 given by --baseline, e.g. a worktree of main before a change: an A/B in one run),
+`forwarder-workers` (the same as `forwarder` with `--workers auto`: one worker process per CPU),
 `forwarder-smtp` (smtp mode and smtp probe, as on port 25: greeting read before the splice,
 421 when no backend; no bulk column, iperf3 sends no greeting), `haproxy` (tcp mode, defaults),
 `haproxy-tuned` (tune.bufsize 262144, splice-auto), `socat` (fork per connection), `xinetd`
@@ -60,7 +61,8 @@ ROOT = HERE.parent.parent
 BUILD = HERE / ".build"
 HOST = "127.0.0.1"
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
-ALL_ROWS = ("direct", "forwarder", "forwarder-base", "forwarder-smtp", "haproxy",
+ALL_ROWS = ("direct", "forwarder", "forwarder-workers", "forwarder-base", "forwarder-smtp",
+            "haproxy",
             "haproxy-tuned", "socat", "xinetd", "systemd-socket-proxyd")
 NO_BULK = frozenset({"forwarder-smtp"})  # iperf3 sends no greeting for smtp mode to pass on
 FORKING = frozenset({"socat", "xinetd"})
@@ -327,6 +329,7 @@ def sbin(name: str) -> str | None:
 def missing_reason(name: str) -> str | None:
     needs: dict[str, list[str]] = {
         "forwarder": ["forwarder"], "forwarder-base": ["forwarder-base"],
+        "forwarder-workers": ["forwarder"],
         "forwarder-smtp": ["forwarder"],
         "haproxy": ["haproxy"], "haproxy-tuned": ["haproxy"], "socat": ["socat"],
         "xinetd": ["xinetd"], "systemd-socket-proxyd": ["systemd-socket-activate", PROXYD],
@@ -380,8 +383,10 @@ def start_row(name: str, backend: int, tmp: Path) -> Row:
     cmd: list[str]
     if name.startswith("forwarder"):
         kind = "smtp" if name == "forwarder-smtp" else "tcp"  # mode follows the probe kind
-        cmd = [str(forwarder_exe(name)), "--listen", f"{HOST}:{port}", "--backend", be,
+        exe = forwarder_exe("forwarder-base" if name == "forwarder-base" else "forwarder")
+        cmd = [str(exe), "--listen", f"{HOST}:{port}", "--backend", be,
                "--probe", kind, "--mode", kind,
+               *(["--workers", "auto"] if name == "forwarder-workers" else []),
                "--admin", f"{HOST}:{free_port()}", "--log-level", "info"]
     elif name.startswith("haproxy"):
         cfg = d / "haproxy.cfg"
