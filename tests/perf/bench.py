@@ -21,7 +21,8 @@ Workloads, interleaved (for each workload, every row in turn, `reps` times; medi
 - rr: round trips of 64-byte lines over one connection, with client, row and backend pinned
   to CPU 0 (p50/p99, µs added over a `direct` run made just before, paired because the
   machine drifts; unpinned, cross-CPU wake-ups made the same row swing 5x between runs);
-- churn: sessions/s of 20 concurrent clients (connect, 220, QUIT, 221, close);
+- churn: sessions/s of 20 concurrent clients (connect, 220, QUIT, 221, close), and the row's
+  CPU µs per session (utime+stime of its process tree over the run, divided by sessions);
 - smtp: messages/s from Postfix's smtp-source (20 sessions, 2 kB messages) through the row
   to Postfix's smtp-sink; both taken from Debian's postfix package with `apt-get download`
   and `dpkg -x` into tests/perf/.build/postfix (postfix itself would conflict with sendmail);
@@ -96,6 +97,7 @@ COLUMNS = (
     ("bulk8", "bulk 8 streams Gbit/s", 2),
     ("smtp", "SMTP msgs/s", 0),
     ("churn", "churn sessions/s", 0),
+    ("cpu_us_per_session", "CPU µs/session", 0),
     ("rr_p50_added", "rr p50 added µs", 1),
     ("rr_p99_added", "rr p99 added µs", 1),
     ("cpu_s_per_gb", "CPU s/GB", 2),
@@ -670,10 +672,15 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                     interleave(rows, mode.reps, "rr", rr)
                 if "churn" in rest:
                     def churn(r: Row) -> None:
+                        cpu0 = tree_cpu_seconds(r.proc.pid) if r.proc else 0.0
                         out = run_load(load, ["churn", HOST, str(r.port), str(CHURN_CLIENTS),
                                               str(mode.churn_secs)], timeout=mode.churn_secs + 30)
                         if out:
                             res.add(r.name, "churn", out["rate"])
+                            if r.proc is not None and out.get("sessions"):
+                                cpu = tree_cpu_seconds(r.proc.pid) - cpu0
+                                res.add(r.name, "cpu_us_per_session",
+                                        cpu * 1e6 / out["sessions"])
                             if out["errors"]:
                                 log(f"{r.name}: churn errors {out['errors']:.0f}")
                     interleave(rows, mode.reps, "churn", churn)
