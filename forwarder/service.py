@@ -12,7 +12,6 @@ naming each key.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -27,6 +26,7 @@ from .config.checks import is_own_address, limited
 from .config.model import Config, ConfigError, Endpoint, ListenerConfig, SockAddr
 from .net.sockets import local_addresses
 from .ops import admin, history, logs, supervise, system
+from .ops.state import State, state_path
 from .traffic.listener import Listener
 from .workers.hub import Hub
 from .workers.zygote import Zygote
@@ -364,53 +364,6 @@ class Service:
         for lst in done:
             fn(lst)
         return [lst.cfg.name for lst in done]
-
-
-def state_path(cfg: Config) -> str | None:
-    """`state_file`, else state.json in systemd's StateDirectory= (STATE_DIRECTORY)."""
-    if cfg.state_file:
-        return cfg.state_file
-    d = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return os.path.join(d, "state.json") if d else None
-
-
-class State:
-    """What an operator decided that must outlive the process: the drained listeners.
-
-    HAProxy forgets a drain set over its runtime API when it reloads (haproxy#477); a
-    forwarder restarted during maintenance must not reopen the port.  Written atomically
-    (a temporary file renamed over the old one); a file that cannot be read or written is
-    logged, and the drain itself still applies to the running process."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self.drained: set[str] = set()
-        if path is None:
-            return
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            self.drained = {str(n) for n in data.get("drained", [])}
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, AttributeError) as e:
-            log.error("state.unreadable", state_file=path, error=str(e),
-                      detail="starting without the drains it may have held")
-
-    def set_drained(self, names: set[str]) -> None:
-        changed, self.drained = names != self.drained, names
-        if self.path is None or not changed:
-            return
-        tmp = f"{self.path}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"drained": sorted(names)}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except OSError as e:
-            log.error("state.unwritable", state_file=self.path, error=e.strerror,
-                      detail="the drain applies now but would not survive a restart")
 
 
 def _pinger(interval: float) -> Callable[[], Awaitable[None]]:

@@ -45,7 +45,7 @@ def test_smoke(tmp_path: Path) -> None:
     # the markdown table: a forwarder line with a number in every column
     line = next(x for x in stdout.splitlines() if x.startswith("| forwarder |"))
     cells = [c.strip() for c in line.strip("|").split("|")][1:]
-    assert len(cells) == 9 and all(c != "-" for c in cells), line
+    assert len(cells) == 10 and all(c != "-" for c in cells), line
     assert float(cells[0]) > 0 and float(cells[3].replace(",", "")) > 0, line
     if "haproxy" in data["rows"]:
         assert "÷ haproxy" in stdout
