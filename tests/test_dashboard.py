@@ -1,16 +1,16 @@
 """The Grafana dashboard: dashboards/forwarder.json is exactly what dashboards/generate.py
 prints (no hand edits), the generator's --check mode catches a stale file, the JSON
 survives Grafana's typed models (grafana-foundation-sdk, Grafana 11.6) without losing a key,
-and it has the variables and panels operators rely on.  Validation against Grafana's
-published JSON Schema runs when those schemas are at hand (see that test's docstring); the
-queries themselves are evaluated by a real Prometheus in test_prometheus.py."""
+and it has the variables and panels operators rely on.  (Grafana's JSON Schemas are not in
+the SDK's wheel nor in any registry this project installs from, so the SDK's typed models,
+generated from the same schema, are the check.)  The queries themselves are evaluated by a
+real Prometheus in test_prometheus.py."""
 
 from __future__ import annotations
 
 import copy
 import difflib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,7 +27,6 @@ from .helpers import ROOT
 
 GENERATOR = ROOT / "dashboards" / "generate.py"
 DASHBOARD = ROOT / "dashboards" / "forwarder.json"
-SCHEMA_ENV = "GRAFANA_SCHEMA_DIR"
 BACKEND_METRICS = ("forwarder_backend_", "forwarder_probe")  # labelled {backend}, not listener
 
 
@@ -156,46 +155,3 @@ def test_dashboard_variables_panels_and_queries() -> None:
                    "forwarder_internal_errors_total", "process_open_fds"):
         assert re.search(rf"\b{metric}\{{", exprs), metric
 
-
-def test_dashboard_validates_against_grafanas_json_schema() -> None:
-    """Grafana publishes JSON Schemas for its dashboard, panel and query kinds with the SDK
-    (jsonschema/ on the v11.6.x branch of github.com/grafana/grafana-foundation-sdk), but
-    the PyPI wheel does not ship them and they are not vendored in this checkout, so this
-    runs only when GRAFANA_SCHEMA_DIR points at that directory and `jsonschema` is
-    importable.  It validates the dashboard (additionalProperties: false all the way down
-    to panels, field config and variables), each query against the Prometheus query schema
-    and each panel's options/custom field config against its plugin's schema."""
-    where = os.environ.get(SCHEMA_ENV)
-    if not where:
-        pytest.skip(f"{SCHEMA_ENV} not set (Grafana's JSON Schemas are not in the SDK wheel)")
-    jsonschema = pytest.importorskip("jsonschema")
-    schemas = Path(where)
-
-    def validator(kind: str, definition: str | None = None) -> Any:
-        s = json.loads((schemas / f"{kind}.jsonschema.json").read_text())
-        if definition is not None:
-            s = {**s, "$ref": f"#/definitions/{definition}"}
-        return jsonschema.Draft7Validator(s)
-
-    def errors(v: Any, doc: Any) -> list[str]:
-        return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-                for e in v.iter_errors(doc)]
-
-    d = committed()
-    dash, query = validator("dashboard"), validator("prometheus", "dataquery")
-    problems = errors(dash, d)
-    for p in d["panels"]:
-        problems += [f"{p['title']} query: {e}" for t in p["targets"] for e in errors(query, t)]
-        kind = p["type"].replace("-", "")
-        if "options" in p:
-            problems += [f"{p['title']} options: {e}"
-                         for e in errors(validator(kind, "Options"), p["options"])]
-        custom = p.get("fieldConfig", {}).get("defaults", {}).get("custom")
-        if custom is not None:
-            problems += [f"{p['title']} custom: {e}"
-                         for e in errors(validator(kind, "FieldConfig"), custom)]
-    assert problems == []
-    # the schema can fail this dashboard: a key Grafana does not know is refused
-    bad = copy.deepcopy(d)
-    bad["panels"][0]["fieldConfig"]["defaults"]["colour"] = "red"
-    assert errors(dash, bad)
