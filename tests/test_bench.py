@@ -1,8 +1,9 @@
 """The benchmark (tests/perf/bench.py) runs end to end and reports numbers for the forwarder.
 
 Not a performance assertion: figures on a shared machine are noisy. The smoke run checks that
-every workload produces positive numbers for the forwarder row; the heavy run checks the
-10,000 idle-connection memory measurement completes.
+every workload produces positive numbers for the forwarder row (the scale workload at 100
+held sessions too); the heavy run checks the 10,000 idle-connection memory measurement
+completes.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def test_smoke(tmp_path: Path) -> None:
     assert float(cells[0]) > 0 and float(cells[3].replace(",", "")) > 0, line
     if "haproxy" in data["rows"]:
         assert "÷ haproxy" in stdout
+    # the scale workload: 100 sessions held open through the row, churn beside them
+    assert fwd["scale100_conns"] == 100, fwd
+    assert fwd["scale100_cpu"] > 0 and fwd["scale100_kb"] > 0, fwd
+    scale = stdout[stdout.index("Cost as concurrency grows"):]
+    line = next(x for x in scale.splitlines() if x.startswith("| forwarder |"))
+    cells = [c.strip() for c in line.strip("|").split("|")][1:]
+    assert "| CPU µs/session at 100 | KB/conn at 100 |" in scale, scale
+    assert float(cells[0]) > 0 and float(cells[1]) > 0, line
 
 
 @pytest.mark.heavy

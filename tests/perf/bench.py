@@ -1,7 +1,7 @@
 """Forwarders side by side on loopback, in one run: the project's own benchmark.
 
     python -m tests.perf.bench [--quick | --smoke] [--rows forwarder,haproxy,...]
-                               [--workloads bulk,rr,churn,mem] [--idle-conns N]
+                               [--workloads bulk,rr,churn,mem,scale] [--idle-conns N]
                                [--json OUT] [--markdown]
 
 Rows: `direct` (no forwarder), `forwarder` (splice relay, tcp probe, gate, admin/metrics,
@@ -27,7 +27,12 @@ Workloads, interleaved (for each workload, every row in turn, `reps` times; medi
   to Postfix's smtp-sink; both taken from Debian's postfix package with `apt-get download`
   and `dpkg -x` into tests/perf/.build/postfix (postfix itself would conflict with sendmail);
 - mem: VmRSS of the idle row, then KB per idle connection (PSS of the process tree) with N
-  connections open through it (fork-per-connection rows get fewer, see `fork_idle_conns`).
+  connections open through it (fork-per-connection rows get fewer, see `fork_idle_conns`);
+- scale: how cost grows with concurrency, for the rows that can hold thousands of
+  connections (forwarder, forwarder-workers, haproxy): with N sessions held open through the
+  row (each greeted, so fully relayed: 100, 1,000, 9,500 in a full run), the KB of tree PSS
+  added per held session, then churn run beside them and the row's CPU µs per churn session:
+  what one more session costs a row that is already carrying N.
 
 The clients and the SMTP-ish backend are tests/perf/load.c, compiled on first use into
 tests/perf/.build/ (a Python client would be the bottleneck). Progress goes to stderr, the
@@ -67,7 +72,9 @@ ALL_ROWS = ("direct", "forwarder", "forwarder-workers", "forwarder-base", "forwa
             "haproxy-tuned", "socat", "xinetd", "systemd-socket-proxyd")
 NO_BULK = frozenset({"forwarder-smtp"})  # iperf3 sends no greeting for smtp mode to pass on
 FORKING = frozenset({"socat", "xinetd"})
-WORKLOADS = ("bulk", "smtp", "rr", "churn", "mem")
+WORKLOADS = ("bulk", "smtp", "rr", "churn", "mem", "scale")
+SCALE_ROWS = frozenset({"forwarder", "forwarder-workers", "forwarder-base", "haproxy",
+                        "haproxy-tuned"})
 SMTP_SESSIONS, SMTP_LEN = 20, 2000
 CHURN_CLIENTS = 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -83,12 +90,13 @@ class Mode:
     idle_conns: int
     fork_idle_conns: int    # socat/xinetd fork a process per connection: fewer for them
     smtp_msgs: int
+    scale_points: tuple[int, ...]   # concurrent sessions held open for the scale workload
 
 
 MODES = {
-    "smoke": Mode("smoke", 1, 1, 0.5, 2000, 200, 50, 200),
-    "quick": Mode("quick", 1, 1, 2.0, 20000, 1000, 200, 1000),
-    "full": Mode("full", 3, 3, 5.0, 20000, 10000, 500, 3000),
+    "smoke": Mode("smoke", 1, 1, 0.5, 2000, 200, 50, 200, (100,)),
+    "quick": Mode("quick", 1, 1, 2.0, 20000, 1000, 200, 1000, (100, 1000)),
+    "full": Mode("full", 3, 3, 5.0, 20000, 10000, 500, 3000, (100, 1000, 9500)),
 }
 
 # metric key, column title, decimals
@@ -510,14 +518,17 @@ def run_load(load: Path, args: list[str], timeout: float,
     return {k: float(v) for k, v in zip(words[::2], words[1::2], strict=True)}
 
 
-def idle_conns(row: Row, n: int, deadline_s: float = 180.0) -> tuple[int, float] | None:
-    """Open n connections through the row, each answered by the backend's greeting; return
-    (connections, KB of tree PSS added per connection)."""
+@contextmanager
+def held(row: Row, n: int, deadline_s: float = 180.0) -> Iterator[tuple[int, float] | None]:
+    """Hold n connections open through the row, each answered by the backend's greeting,
+    for the body of the with-block; it gets (connections, KB of tree PSS added per
+    connection), or None when they could not all be opened."""
     assert row.proc is not None
     pid = row.proc.pid
     base = tree_pss_kb(pid)
     socks: list[socket.socket] = []
     deadline = time.monotonic() + deadline_s
+    out: tuple[int, float] | None = None
     try:
         while len(socks) < n and time.monotonic() < deadline:
             batch: list[socket.socket] = []
@@ -530,15 +541,36 @@ def idle_conns(row: Row, n: int, deadline_s: float = 180.0) -> tuple[int, float]
                 if not s.recv(64).startswith(b"220"):
                     raise RuntimeError("no greeting")
         time.sleep(1.0)
-        used = tree_pss_kb(pid) - base
-        return len(socks), used / max(1, len(socks))
+        out = len(socks), (tree_pss_kb(pid) - base) / max(1, len(socks))
     except (OSError, RuntimeError) as e:
-        log(f"{row.name}: idle connections failed after {len(socks)}: {e}")
-        return None
+        log(f"{row.name}: holding connections failed after {len(socks)}: {e}")
+    try:
+        yield out
     finally:
         for s in socks:
             s.close()
         time.sleep(min(3.0, 0.5 + len(socks) / 5000))  # let the row tear them down
+
+
+def idle_conns(row: Row, n: int) -> tuple[int, float] | None:
+    """(connections, KB of tree PSS added per connection) with n held open."""
+    with held(row, n) as out:
+        return out
+
+
+def churn_once(load: Path, r: Row, secs: float) -> tuple[float, float | None] | None:
+    """(sessions/s, the row's CPU µs per session) of CHURN_CLIENTS concurrent clients."""
+    cpu0 = tree_cpu_seconds(r.proc.pid) if r.proc else 0.0
+    out = run_load(load, ["churn", HOST, str(r.port), str(CHURN_CLIENTS), str(secs)],
+                   timeout=secs + 30)
+    if not out:
+        return None
+    if out["errors"]:
+        log(f"{r.name}: churn errors {out['errors']:.0f}")
+    cpu = None
+    if r.proc is not None and out.get("sessions"):
+        cpu = (tree_cpu_seconds(r.proc.pid) - cpu0) * 1e6 / out["sessions"]
+    return out["rate"], cpu
 
 
 # ------------------------------------------------------------------ the run
@@ -672,22 +704,30 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                     interleave(rows, mode.reps, "rr", rr)
                 if "churn" in rest:
                     def churn(r: Row) -> None:
-                        cpu0 = tree_cpu_seconds(r.proc.pid) if r.proc else 0.0
-                        out = run_load(load, ["churn", HOST, str(r.port), str(CHURN_CLIENTS),
-                                              str(mode.churn_secs)], timeout=mode.churn_secs + 30)
+                        out = churn_once(load, r, mode.churn_secs)
                         if out:
-                            res.add(r.name, "churn", out["rate"])
-                            if r.proc is not None and out.get("sessions"):
-                                cpu = tree_cpu_seconds(r.proc.pid) - cpu0
-                                res.add(r.name, "cpu_us_per_session",
-                                        cpu * 1e6 / out["sessions"])
-                            if out["errors"]:
-                                log(f"{r.name}: churn errors {out['errors']:.0f}")
+                            res.add(r.name, "churn", out[0])
+                            if out[1] is not None:
+                                res.add(r.name, "cpu_us_per_session", out[1])
                     interleave(rows, mode.reps, "churn", churn)
+                cap = max(1, (nofile - 500) // 2)  # a proxy holds 2 fds per connection
+                hcap = min(cap, haproxy_maxconn() - 100)
+                if "scale" in rest:
+                    def scale(r: Row) -> None:
+                        for n in mode.scale_points:
+                            want_n = min(n, hcap if r.name.startswith("haproxy") else cap)
+                            with held(r, want_n) as got:
+                                if got is None:
+                                    continue
+                                res.add(r.name, f"scale{n}_conns", float(got[0]))
+                                res.add(r.name, f"scale{n}_kb", got[1])
+                                out = churn_once(load, r, mode.churn_secs)
+                                if out and out[1] is not None:
+                                    res.add(r.name, f"scale{n}_cpu", out[1])
+                    interleave([r for r in rows if r.name in SCALE_ROWS], mode.reps,
+                               "scale", scale)
                 if "mem" in rest:
                     want = idle_n if idle_n is not None else mode.idle_conns
-                    cap = max(1, (nofile - 500) // 2)  # a proxy holds 2 fds per connection
-                    hcap = min(cap, haproxy_maxconn() - 100)
                     has_haproxy = any(r.name.startswith("haproxy") for r in rows)
                     if want > cap or (has_haproxy and want > hcap):
                         res.notes.append(
@@ -761,10 +801,47 @@ def tables(res: Results, markdown: bool) -> str:
         out += ["", "Ratios (throughput: higher is better; latency, CPU, memory: lower is "
                 "better):", ""]
         out += render(ratio_head, ratio_body, markdown)
+    out += scale_table(res, markdown)
     out += [""] + [f"- {n}" for n in res.notes]
     for name, why in res.skipped.items():
         out.append(f"- skipped {name}: {why}")
     return "\n".join(out)
+
+
+def scale_table(res: Results, markdown: bool) -> list[str]:
+    """CPU µs per churn session and KB per held session at each concurrency point, with the
+    ratio to haproxy's at the same point."""
+    points = sorted({int(k[5:-4]) for row in res.samples.values() for k in row
+                     if k.startswith("scale") and k.endswith("_cpu")})
+    rows = [r for r in res.rows if any(f"scale{n}_cpu" in res.samples.get(r, {})
+                                       for n in points)]
+    if not points or not rows:
+        return []
+    head = ["row"]
+    for n in points:
+        head += [f"CPU µs/session at {n:,}", f"KB/conn at {n:,}"]
+    ref = "haproxy" if "haproxy" in rows else None
+    if ref:
+        head += [f"CPU ÷ {ref} at {n:,}" for n in points]
+    body = []
+    for r in rows:
+        line = [r]
+        for n in points:
+            line += [fmt(res.median(r, f"scale{n}_cpu"), 0), fmt(res.median(r, f"scale{n}_kb"), 1)]
+        if ref:
+            for n in points:
+                v, b = res.median(r, f"scale{n}_cpu"), res.median(ref, f"scale{n}_cpu")
+                line.append("-" if v is None or not b or b <= 0 else f"{v / b:.2f}")
+        body.append(line)
+    held_n = sorted({int(v) for r in rows for n in points
+                     if (v := res.median(r, f"scale{n}_conns"))})
+    return (["", "Cost as concurrency grows (N sessions held open through the row, each "
+             "greeted; churn beside them: CPU µs of the row per churn session; PSS added "
+             "per held session):", ""]
+            + render(head, body, markdown)
+            + ([] if set(held_n) <= set(points) else
+               ["", f"- sessions actually held: {', '.join(f'{c:,}' for c in held_n)} "
+                "(capped by RLIMIT_NOFILE or haproxy's maxconn)"]))
 
 
 def render(head: list[str], body: list[list[str]], markdown: bool) -> list[str]:
