@@ -720,7 +720,10 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                                 if got is None:
                                     continue
                                 res.add(r.name, f"scale{n}_conns", float(got[0]))
-                                res.add(r.name, f"scale{n}_kb", got[1])
+                                if f"scale{n}_kb" not in res.samples.get(r.name, {}):
+                                    # the first rep only: later reps reuse memory the row
+                                    # kept from the first, and would read about zero
+                                    res.add(r.name, f"scale{n}_kb", got[1])
                                 out = churn_once(load, r, mode.churn_secs)
                                 if out and out[1] is not None:
                                     res.add(r.name, f"scale{n}_cpu", out[1])
@@ -836,8 +839,9 @@ def scale_table(res: Results, markdown: bool) -> list[str]:
     held_n = sorted({int(v) for r in rows for n in points
                      if (v := res.median(r, f"scale{n}_conns"))})
     return (["", "Cost as concurrency grows (N sessions held open through the row, each "
-             "greeted; churn beside them: CPU µs of the row per churn session; PSS added "
-             "per held session):", ""]
+             "greeted; churn beside them: CPU µs of the row per churn session; KB: PSS added "
+             "per held session over the row as it stood, first rep, points in rising order, "
+             "so a later point reuses what an earlier one grew):", ""]
             + render(head, body, markdown)
             + ([] if set(held_n) <= set(points) else
                ["", f"- sessions actually held: {', '.join(f'{c:,}' for c in held_n)} "
