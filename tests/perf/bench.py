@@ -712,11 +712,13 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                     interleave(rows, mode.reps, "churn", churn)
                 cap = max(1, (nofile - 500) // 2)  # a proxy holds 2 fds per connection
                 hcap = min(cap, haproxy_maxconn() - 100)
+
+                def row_cap(r: Row) -> int:
+                    return hcap if r.name.startswith("haproxy") else cap
                 if "scale" in rest:
                     def scale(r: Row) -> None:
                         for n in mode.scale_points:
-                            want_n = min(n, hcap if r.name.startswith("haproxy") else cap)
-                            with held(r, want_n) as got:
+                            with held(r, min(n, row_cap(r))) as got:
                                 if got is None:
                                     continue
                                 res.add(r.name, f"scale{n}_conns", float(got[0]))
@@ -740,9 +742,7 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                     def mem(r: Row) -> None:
                         if r.proc is None:
                             return
-                        n = min(mode.fork_idle_conns if r.name in FORKING else want, cap)
-                        if r.name.startswith("haproxy"):
-                            n = min(n, haproxy_maxconn() - 100)
+                        n = min(mode.fork_idle_conns if r.name in FORKING else want, row_cap(r))
                         out = idle_conns(r, n)
                         if out:
                             res.add(r.name, "kb_per_conn", out[1])
@@ -775,6 +775,10 @@ def fmt(v: float | None, dec: int) -> str:
     return "-" if v is None else f"{v:,.{dec}f}"
 
 
+def ratio(v: float | None, ref: float | None) -> str:
+    return "-" if v is None or not ref or ref <= 0 else f"{v / ref:.2f}"
+
+
 def tables(res: Results, markdown: bool) -> str:
     head = ["row", *[c[1] for c in COLUMNS]]
     body = [[r, *[fmt(res.median(r, k), d) for k, _, d in COLUMNS]] for r in res.rows]
@@ -794,8 +798,7 @@ def tables(res: Results, markdown: bool) -> str:
     for r in res.rows:
         line = [r]
         for k, ref in ratio_cols:
-            v, b = res.median(r, k), res.median(ref, k)
-            line.append("-" if v is None or not b or b <= 0 else f"{v / b:.2f}")
+            line.append(ratio(res.median(r, k), res.median(ref, k)))
         ratio_body.append(line)
     out = [f"Forwarder benchmark ({res.mode}; loopback; {os.cpu_count()} CPUs; "
            f"{platform.release()}; medians)", ""]
@@ -833,8 +836,8 @@ def scale_table(res: Results, markdown: bool) -> list[str]:
             line += [fmt(res.median(r, f"scale{n}_cpu"), 0), fmt(res.median(r, f"scale{n}_kb"), 1)]
         if ref:
             for n in points:
-                v, b = res.median(r, f"scale{n}_cpu"), res.median(ref, f"scale{n}_cpu")
-                line.append("-" if v is None or not b or b <= 0 else f"{v / b:.2f}")
+                line.append(ratio(res.median(r, f"scale{n}_cpu"),
+                                  res.median(ref, f"scale{n}_cpu")))
         body.append(line)
     held_n = sorted({int(v) for r in rows for n in points
                      if (v := res.median(r, f"scale{n}_conns"))})
