@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -30,11 +31,24 @@ ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
 
 
+_next_port = itertools.count(20000 + os.getpid() % 6000)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now and stays free until the test binds it: taken below the
+    kernel's ephemeral range (32768-60999), so no bind(0) or outgoing connect of this
+    process (an SmtpBackend, a client) can take it in between, and never handed out twice
+    in one session.  (bind(0) here once returned a port a backend started next then took.)"""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    for _ in range(12000):
+        port = 20000 + (next(_next_port) - 20000) % 12000
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31999")
 
 
 def connect_result(host: str, port: int, timeout: float = 1.0) -> str:
