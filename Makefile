@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the tests drive for real (installed when root; tests skip without them)
-DEBS := xinetd sendmail-bin prometheus haproxy socat iperf3 iproute2 util-linux systemd dnsmasq-base \
+DEBS := gcc xinetd sendmail-bin prometheus haproxy socat iperf3 iproute2 util-linux systemd dnsmasq-base \
         libidn12 libicu72 chromium stress-ng
 
 .PHONY: run test lint bench screenshot debs venv clean

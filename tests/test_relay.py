@@ -11,16 +11,21 @@ import threading
 
 import pytest
 
+from forwarder.traffic import core
+
 from .helpers import EchoBackend, forwarder, free_port, pattern, toml_listener, wait_port
 
 LINGER_RST = struct.pack("ii", 1, 0)  # close() sends a RST
 
 
-@pytest.fixture
-def relay() -> str:
-    """The data path under test (the first build also had a Protocol relay: removed, see
-    the README's benchmark section)."""
-    return "splice"
+@pytest.fixture(params=["core", "python"])
+def relay(request: pytest.FixtureRequest) -> str:
+    """Both implementations of the one data path: the compiled core (the default when
+    built) and the pure-Python splice relay (its fallback, and the reference)."""
+    kind: str = request.param
+    if kind == "core" and not core.AVAILABLE:
+        pytest.skip("the relay core was not built (no C compiler at install time)")
+    return kind
 
 
 def _tcp_forwarder(port: int, bport: int, relay: str, extra: str = "") -> str:

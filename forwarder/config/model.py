@@ -18,7 +18,7 @@ ProbeKind = Literal["tcp", "smtp", "http", "exec", "agent"]
 Degraded = Literal["up", "drain"]
 GatePolicy = Literal["local", "any"]
 ProxyVersion = Literal["v1", "v2"]
-RelayKind = Literal["auto", "splice"]
+RelayKind = Literal["auto", "splice", "core", "python"]
 SockAddr = tuple[socket.AddressFamily, tuple[Any, ...]]
 # a field computed by the load step (config/load.py), not written by the user
 DERIVED = {"derived": True}

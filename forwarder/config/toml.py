@@ -10,6 +10,7 @@ beside them, so that each key's rule sits next to its siblings and its printed f
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 import tomllib
@@ -33,6 +34,7 @@ from .model import (
     LogConfig,
     Place,
     ProbeConfig,
+    RelayKind,
     check_host,
     check_network,
     check_port,
@@ -331,6 +333,19 @@ def _probe(r: _Reader, base: ProbeConfig) -> ProbeConfig:
     return p
 
 
+def _relay(r: _Reader) -> RelayKind:
+    """auto/splice: the compiled core when it was built, else the Python relay; core:
+    insist on the compiled one; python: the pure-Python relay (traffic/core.py)."""
+    if r.data.get("relay") == "protocol":
+        raise r.error("relay", "the asyncio protocol relay was removed in 0.2 (the splice "
+                               "relay was as fast or faster on every benchmark): remove the key")
+    kind: RelayKind = r.choice("relay", ("auto", "splice", "core", "python"), "auto")
+    if kind == "core" and importlib.util.find_spec("forwarder.traffic._core") is None:
+        raise r.error("relay", "the compiled relay core was not built (no C compiler at "
+                               "install time?): reinstall with gcc, or use \"auto\"")
+    return kind
+
+
 def _greeting(r: _Reader) -> float | Literal["auto"]:
     v = r.get("greeting_timeout", (int, float, str), "auto")
     if isinstance(v, str):
@@ -371,9 +386,6 @@ def _listener(r: _Reader, index: int) -> ListenerConfig:
     acc_t = r.get("access", dict)
     access = _access(r.sub("access", acc_t)) if acc_t is not None else AccessConfig()
     gate = r.choice("gate", ("local", "any"), "local")
-    if r.data.get("relay") == "protocol":
-        raise r.error("relay", "the asyncio protocol relay was removed in 0.2 (the splice "
-                               "relay was as fast or faster on every benchmark): remove the key")
     lc = ListenerConfig(
         name=name, addresses=addresses, port=port, backends=tuple(backends), mode=mode,
         backlog=r.integer("backlog", 511) or 511, gate=gate, probe=probe,
@@ -385,7 +397,7 @@ def _listener(r: _Reader, index: int) -> ListenerConfig:
         hostname=r.get("hostname", str), discovery=discovery, access=access,
         reuse_port=r.get("reuse_port", bool, False), nodelay=r.get("nodelay", bool, True),
         keepalive=r.get("keepalive", bool, False),
-        relay=r.choice("relay", ("auto", "splice"), "auto"),
+        relay=_relay(r),
     )
     r.done()
     return lc

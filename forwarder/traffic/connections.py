@@ -28,10 +28,10 @@ from ..ops.metrics import ListenerMetrics
 from ..ops.system import tune
 from .acceptor import Address
 from .access import Access
+from .core import Relayed, relay_pair
 from .deadlines import Deadlines
 from .handoff import Candidate, Handoff, Plan, dial
 from .poller import Poller
-from .splice import Splice
 
 log = structlog.get_logger("forwarder.connections")
 
@@ -57,7 +57,7 @@ class Connections:
         self.poller = Poller.for_loop(self.loop)
         self.deadlines = Deadlines(self.loop)
         self.pending: set[Handoff] = set()
-        self.splices: set[Splice] = set()
+        self.splices: set[Relayed] = set()
         self.refusing: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()  # set while no connection is in any of the three sets
         self._idle.set()
@@ -165,7 +165,8 @@ class Connections:
         """Sink: the hand-off has a backend socket; the splice takes both from here."""
         self.pending.discard(h)
         assert h.bs is not None
-        sp = Splice(self.poller, h.conn, h.bs, self._finished, (h.addr, h.backend))
+        sp = relay_pair(self.cfg.relay, self.poller, h.conn, h.bs, self._finished,
+                        (h.addr, h.backend))
         sp.started = time.monotonic()
         self.splices.add(sp)
         self.metrics.active.inc()
@@ -207,7 +208,7 @@ class Connections:
             conn.close()
             self._release(addr)
 
-    def _finished(self, sp: Splice, outcome: str) -> None:
+    def _finished(self, sp: Relayed, outcome: str) -> None:
         self.splices.discard(sp)
         m = self.metrics
         m.active.dec()
@@ -247,12 +248,12 @@ class Connections:
     async def _sweep_idle(self) -> None:
         """One timer per listener instead of one per connection: a splice whose byte count
         has not moved for idle_timeout is closed."""
-        seen: dict[Splice, tuple[int, float]] = {}
+        seen: dict[Relayed, tuple[int, float]] = {}
         while True:
             timeout = self.cfg.idle_timeout
             await asyncio.sleep(max(0.05, min(timeout / 10, 5.0)))
             now = self.loop.time()
-            current: dict[Splice, tuple[int, float]] = {}
+            current: dict[Relayed, tuple[int, float]] = {}
             for sp in list(self.splices):  # abort() finishes a splice synchronously
                 n = sp.nbytes
                 prev = seen.get(sp)

@@ -115,6 +115,18 @@ class Poller:
     def drop_reader(self, fd: int) -> None:
         self.readers.pop(fd, None)
 
+    def unregister(self, fd: int) -> None:
+        """fd leaves this set now (another epoll set takes it: the relay's core)."""
+        self.readers.pop(fd, None)
+        self.writers.pop(fd, None)
+        if self.masks.pop(fd, None) is not None:
+            self._dead.add(fd)
+            self.exclusive.discard(fd)
+            try:
+                self.ep.unregister(fd)
+            except OSError:
+                pass
+
     def forget(self, fd: int) -> None:
         """The caller closes fd next, which removes it from the epoll set: no epoll_ctl."""
         self.readers.pop(fd, None)
