@@ -8,7 +8,7 @@ DEBS := gcc xinetd sendmail-bin prometheus haproxy socat iperf3 iproute2 util-li
 
 .PHONY: run test lint bench screenshot debs venv clean
 
-$(BIN)/forwarder: pyproject.toml
+$(BIN)/forwarder: pyproject.toml forwarder/traffic/_core.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

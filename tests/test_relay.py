@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import socket
 import struct
 import threading
@@ -26,6 +27,15 @@ def relay(request: pytest.FixtureRequest) -> str:
     if kind == "core" and not core.AVAILABLE:
         pytest.skip("the relay core was not built (no C compiler at install time)")
     return kind
+
+
+def test_the_core_is_built_where_a_compiler_is() -> None:
+    """The install step builds the core when gcc is present (CI installs it): a build that
+    quietly fell back to the Python relay would otherwise pass every other test here."""
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc here: the Python relay is the one in use")
+    assert core.AVAILABLE, "gcc is here but forwarder.traffic._core was not built"
+    assert core.use_core("auto") and not core.use_core("python")
 
 
 def _tcp_forwarder(port: int, bport: int, relay: str, extra: str = "") -> str:

@@ -28,7 +28,7 @@ from ..ops.metrics import ListenerMetrics
 from ..ops.system import tune
 from .acceptor import Address
 from .access import Access
-from .core import Relayed, relay_pair
+from .core import Relayed, core_relay, relay_pair
 from .deadlines import Deadlines
 from .handoff import Candidate, Handoff, Plan, dial
 from .poller import Poller
@@ -55,6 +55,7 @@ class Connections:
         self.metrics = metrics
         self._release_host = release
         self.poller = Poller.for_loop(self.loop)
+        self.core = core_relay(cfg.relay, self.loop)
         self.deadlines = Deadlines(self.loop)
         self.pending: set[Handoff] = set()
         self.splices: set[Relayed] = set()
@@ -165,7 +166,7 @@ class Connections:
         """Sink: the hand-off has a backend socket; the splice takes both from here."""
         self.pending.discard(h)
         assert h.bs is not None
-        sp = relay_pair(self.cfg.relay, self.poller, h.conn, h.bs, self._finished,
+        sp = relay_pair(self.core, self.poller, h.conn, h.bs, self._finished,
                         (h.addr, h.backend))
         sp.started = time.monotonic()
         self.splices.add(sp)

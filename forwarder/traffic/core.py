@@ -54,6 +54,13 @@ def use_core(kind: str) -> bool:
     return AVAILABLE and kind != "python"
 
 
+def core_relay(kind: str, loop: asyncio.AbstractEventLoop) -> CoreRelay | None:
+    """The loop's core relay for a listener set to `kind`, None for the Python relay.
+    Taken when the listener starts, not on its first connection, so the relay's one epoll
+    fd is part of the process's resting fd count."""
+    return CoreRelay.for_loop(loop) if use_core(kind) else None
+
+
 class CoreRelay:
     """The per-loop _core.Relay, polled by the loop."""
 
@@ -79,10 +86,10 @@ class CoreRelay:
             supervise.internal_error("relay", "relay.callback_failed")
 
 
-def relay_pair(kind: str, poller: Poller, client: socket.socket, backend: socket.socket,
-               on_done: Done, tag: Any) -> Relayed:
-    """A pair ready to start(): the core's when `kind` allows and it was built."""
-    if not use_core(kind):
+def relay_pair(core: CoreRelay | None, poller: Poller, client: socket.socket,
+               backend: socket.socket, on_done: Done, tag: Any) -> Relayed:
+    """A pair ready to start(): the core's when the listener has one (core_relay)."""
+    if core is None:
         return Splice(poller, client, backend, on_done, tag)
     if client.getblocking():
         client.setblocking(False)
@@ -90,6 +97,5 @@ def relay_pair(kind: str, poller: Poller, client: socket.socket, backend: socket
         backend.setblocking(False)
     # the hand-off may have left the backend registered in the Poller's epoll set
     poller.unregister(backend.fileno())
-    core = CoreRelay.for_loop(poller.loop)
     pair: Relayed = core.relay.pair(client.detach(), backend.detach(), on_done, tag)
     return pair
