@@ -100,6 +100,17 @@ def dial(b: Candidate, options: Callable[[socket.socket], None]) -> socket.socke
     return bs
 
 
+def _established(bs: socket.socket) -> bool:
+    """A backend on loopback has finished the handshake by the time connect() returns (the
+    SYN-ACK is processed before the socket lock is released): the writable-wait (two
+    epoll_ctl and a wake-up per connection) is then skipped.  One getpeername otherwise."""
+    try:
+        bs.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 class Plan:
     """How one listener hands off, rebuilt when its config changes (a hand-off in progress
     keeps the plan it started with)."""
@@ -169,6 +180,9 @@ class Handoff:
             plan.poller.add_reader(bs.fileno(), self._greeted)
         else:
             self.step = "connect"
+            if _established(bs):
+                self._connected()
+                return
             plan.deadlines.set(self, now + plan.connect_timeout)
             plan.poller.add_writer(bs.fileno(), self._connected)
 
