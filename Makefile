@@ -6,6 +6,11 @@ BIN := $(VENV)/bin
 DEBS := gcc xinetd sendmail-bin prometheus haproxy socat iperf3 iproute2 util-linux systemd dnsmasq-base \
         libidn12 libicu72 chromium stress-ng
 
+# exit 0 when the relay core could be built (Python.h is here) but was not
+export CORE_MISSING := import importlib.util as u, os, sys, sysconfig; \
+  h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); \
+  sys.exit(0 if os.path.exists(h) and u.find_spec('forwarder.traffic._core') is None else 1)
+
 .PHONY: run test lint bench screenshot debs venv clean
 
 $(BIN)/forwarder: pyproject.toml forwarder/traffic/_core.c
@@ -15,6 +20,9 @@ $(BIN)/forwarder: pyproject.toml forwarder/traffic/_core.c
 	@touch $@
 
 venv: $(BIN)/forwarder
+	@# a compiler that arrived after the venv was made (`make run`, then `make test` as root)
+	@if command -v gcc >/dev/null && $(BIN)/python -c "$$CORE_MISSING"; then \
+	  echo "building the relay core (gcc is here now)"; $(BIN)/pip install -q -e '.[dev]'; fi
 
 ## run the forwarder on the example config: 127.0.0.1:2525 -> 127.0.0.1:8025 (smtp probe)
 run: venv

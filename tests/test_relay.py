@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import struct
+import sysconfig
 import threading
 
 import pytest
@@ -30,10 +31,14 @@ def relay(request: pytest.FixtureRequest) -> str:
 
 
 def test_the_core_is_built_where_a_compiler_is() -> None:
-    """The install step builds the core when gcc is present (CI installs it): a build that
-    quietly fell back to the Python relay would otherwise pass every other test here."""
+    """The install step builds the core when gcc and Python's headers are present (CI has
+    both): a build that quietly fell back to the Python relay would otherwise pass every
+    other test here."""
     if shutil.which("gcc") is None:
         pytest.skip("no gcc here: the Python relay is the one in use")
+    include = sysconfig.get_paths()["include"]
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        pytest.skip(f"no Python.h in {include} (python3-dev): the Python relay is in use")
     assert core.AVAILABLE, "gcc is here but forwarder.traffic._core was not built"
     assert core.use_core("auto") and not core.use_core("python")
 
