@@ -658,6 +658,11 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                     interleave(rows, mode.reps, "smtp", smtp)
                 be.stop()
         rest = [w for w in workloads if w not in ("bulk", "smtp")]
+        cap = max(1, (nofile - 500) // 2)  # a proxy holds 2 fds per connection
+        hcap = min(cap, haproxy_maxconn() - 100)
+
+        def row_cap(r: Row) -> int:
+            return hcap if r.name.startswith("haproxy") else cap
         if rest:
             be.start("load")
             with rows_running([n for n in names if n not in res.skipped], be.port, tmp,
@@ -710,27 +715,6 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                             if out[1] is not None:
                                 res.add(r.name, "cpu_us_per_session", out[1])
                     interleave(rows, mode.reps, "churn", churn)
-                cap = max(1, (nofile - 500) // 2)  # a proxy holds 2 fds per connection
-                hcap = min(cap, haproxy_maxconn() - 100)
-
-                def row_cap(r: Row) -> int:
-                    return hcap if r.name.startswith("haproxy") else cap
-                if "scale" in rest:
-                    def scale(r: Row) -> None:
-                        for n in mode.scale_points:
-                            with held(r, min(n, row_cap(r))) as got:
-                                if got is None:
-                                    continue
-                                res.add(r.name, f"scale{n}_conns", float(got[0]))
-                                if f"scale{n}_kb" not in res.samples.get(r.name, {}):
-                                    # the first rep only: later reps reuse memory the row
-                                    # kept from the first, and would read about zero
-                                    res.add(r.name, f"scale{n}_kb", got[1])
-                                out = churn_once(load, r, mode.churn_secs)
-                                if out and out[1] is not None:
-                                    res.add(r.name, f"scale{n}_cpu", out[1])
-                    interleave([r for r in rows if r.name in SCALE_ROWS], mode.reps,
-                               "scale", scale)
                 if "mem" in rest:
                     want = idle_n if idle_n is not None else mode.idle_conns
                     has_haproxy = any(r.name.startswith("haproxy") for r in rows)
@@ -748,6 +732,27 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                             res.add(r.name, "kb_per_conn", out[1])
                             res.add(r.name, "idle_conns", float(out[0]))
                     interleave(rows, 1, "mem", mem)
+        if "scale" in rest:
+            # fresh row processes: after the mem workload's 9,750 idle connections a row
+            # would hold memory enough for every point, and read about 0 KB per session
+            with rows_running([n for n in names if n in SCALE_ROWS and n not in res.skipped],
+                              be.port, tmp, res.skipped) as rows:
+                time.sleep(0.5)
+                def scale(r: Row) -> None:
+                    for n in mode.scale_points:
+                        with held(r, min(n, row_cap(r))) as got:
+                            if got is None:
+                                continue
+                            res.add(r.name, f"scale{n}_conns", float(got[0]))
+                            if f"scale{n}_kb" not in res.samples.get(r.name, {}):
+                                # the first rep only: later reps reuse memory the row
+                                # kept from the first, and would read about zero
+                                res.add(r.name, f"scale{n}_kb", got[1])
+                            out = churn_once(load, r, mode.churn_secs)
+                            if out and out[1] is not None:
+                                res.add(r.name, f"scale{n}_cpu", out[1])
+                interleave([r for r in rows if r.name in SCALE_ROWS], mode.reps,
+                           "scale", scale)
     finally:
         be.stop()
         shutil.rmtree(tmp, ignore_errors=True)
