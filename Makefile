@@ -2,6 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+INSTALL := $(BIN)/pip install -q -e '.[dev]'
 # Debian packages the tests drive for real (installed when root; tests skip without them)
 DEBS := gcc xinetd sendmail-bin prometheus haproxy socat iperf3 iproute2 util-linux systemd dnsmasq-base \
         libidn12 libicu72 chromium stress-ng
@@ -16,13 +17,13 @@ export CORE_MISSING := import importlib.util as u, os, sys, sysconfig; \
 $(BIN)/forwarder: pyproject.toml forwarder/traffic/_core.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(INSTALL)
 	@touch $@
 
 venv: $(BIN)/forwarder
 	@# a compiler that arrived after the venv was made (`make run`, then `make test` as root)
 	@if command -v gcc >/dev/null && $(BIN)/python -c "$$CORE_MISSING"; then \
-	  echo "building the relay core (gcc is here now)"; $(BIN)/pip install -q -e '.[dev]'; fi
+	  echo "building the relay core (gcc is here now)"; $(INSTALL); fi
 
 ## run the forwarder on the example config: 127.0.0.1:2525 -> 127.0.0.1:8025 (smtp probe)
 run: venv

@@ -101,9 +101,10 @@ def dial(b: Candidate, options: Callable[[socket.socket], None]) -> socket.socke
 
 
 def _established(bs: socket.socket) -> bool:
-    """A backend on loopback has finished the handshake by the time connect() returns (the
-    SYN-ACK is processed before the socket lock is released): the writable-wait (two
-    epoll_ctl and a wake-up per connection) is then skipped.  One getpeername otherwise."""
+    """Has the handshake completed?  A backend on loopback has finished it by the time
+    connect() returns (the SYN-ACK is processed before the socket lock is released), so
+    the writable-wait (two epoll_ctl and a wake-up per connection) is skipped; elsewhere
+    this costs one getpeername (ENOTCONN) per connection."""
     try:
         bs.getpeername()
     except OSError:
@@ -249,10 +250,9 @@ class Handoff:
         greeting_timeout a greeting failure.  The first deadline was the smaller one."""
         bs, b, plan = self.bs, self.backend, self.plan
         assert bs is not None and b is not None
-        try:
-            bs.getpeername()
+        if _established(bs):
             step, limit = "greeting", b.greeting.seconds
-        except OSError:  # ENOTCONN: the handshake has not completed
+        else:
             step, limit = "connect", plan.connect_timeout
         now = plan.time()
         if self.t0 + limit > now + 0.001:

@@ -737,7 +737,8 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
             # would hold memory enough for every point, and read about 0 KB per session
             with rows_running([n for n in names if n in SCALE_ROWS and n not in res.skipped],
                               be.port, tmp, res.skipped) as rows:
-                time.sleep(0.5)
+                time.sleep(0.5)  # start-up allocations settle before held() takes its base
+
                 def scale(r: Row) -> None:
                     for n in mode.scale_points:
                         with held(r, min(n, row_cap(r))) as got:
@@ -751,8 +752,7 @@ def run(names: list[str], mode: Mode, workloads: list[str], idle_n: int | None) 
                             out = churn_once(load, r, mode.churn_secs)
                             if out and out[1] is not None:
                                 res.add(r.name, f"scale{n}_cpu", out[1])
-                interleave([r for r in rows if r.name in SCALE_ROWS], mode.reps,
-                           "scale", scale)
+                interleave(rows, mode.reps, "scale", scale)
     finally:
         be.stop()
         shutil.rmtree(tmp, ignore_errors=True)
